@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make run` (the demo sweep) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# A CUDA build of torch: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?=
+
+.PHONY: setup run test test-fast bench bench-quick lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if [ -n "$(TORCH_INDEX)" ]; then $(BIN)/pip install --index-url $(TORCH_INDEX) torch==2.13.0; fi
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/rungwise tune examples/adult.yaml
+
+test: setup
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not ray"
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/run_all.py --quick
+
+lint: setup
+	$(BIN)/ruff check trainer tuning jobs tests benchmarks examples
+	$(BIN)/mypy trainer tuning jobs
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns rungwise-runs

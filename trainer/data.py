@@ -1,0 +1,257 @@
+"""Reading a table (CSV / Parquet via pyarrow) or images (.npz), its schema, and the split.
+
+Takes the ``data`` section of the job spec (any object with its attributes); no Ray, no
+MLflow. Every error is a ``DataError`` whose one-line message names the spec key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+MAX_CATEGORIES = 1000
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Schema:
+    target: str
+    task: str
+    numeric: list[str]
+    categorical: list[str]
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+
+@dataclass
+class ImageSet:
+    """Images (N, C, H, W) float32 and labels, as read from an .npz file."""
+
+    x: np.ndarray
+    y: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_format(path: str, declared: str = "auto") -> str:
+    if declared != "auto":
+        return declared
+    name = path.lower()
+    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".npz", "npz")):
+        if name.endswith(suffix):
+            return fmt
+    return "csv"
+
+
+def _check_exists(path: str) -> None:
+    if "://" not in path and not Path(path).is_file():
+        raise DataError(f"data.path: file not found: {path}")
+
+
+def read_table(data: Any) -> pd.DataFrame:
+    """Read the table named by ``data.path`` with pyarrow; ``na_values`` become missing."""
+    path = str(data.path)
+    _check_exists(path)
+    fmt = detect_format(path, data.format)
+    try:
+        if fmt == "parquet":
+            df = pd.read_parquet(path, engine="pyarrow")
+        else:
+            df = _read_csv(path, data)
+    except DataError:
+        raise
+    except UnicodeDecodeError:
+        raise DataError(f"data.path: {path} is not UTF-8 text") from None
+    except Exception as exc:  # pyarrow raises many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "utf8" in first.lower() or "utf-8" in first.lower():
+            raise DataError(f"data.path: {path} is not UTF-8 text ({first})") from None
+        raise DataError(f"data.path: cannot read {path} as {fmt}: {first}") from None
+    _check_flat(df, path)
+    return _clean(df, list(data.na_values))
+
+
+def _read_csv(path: str, data: Any) -> pd.DataFrame:
+    names = list(data.columns) if data.columns else None
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise DataError(f"data.path: {path} is empty")
+    return pd.read_csv(path, engine="pyarrow", sep=data.delimiter, names=names,
+                       header=None if names else "infer",
+                       na_values=list(data.na_values) or None)
+
+
+def _check_flat(df: pd.DataFrame, path: str) -> None:
+    for col in df.columns:
+        dtype = df[col].dtype
+        if isinstance(dtype, pd.ArrowDtype) or str(dtype).startswith(("list", "struct")):
+            raise DataError(f"data.path: column {col!r} of {path} is nested ({dtype}); "
+                            "only flat columns of numbers or text are supported")
+        if df[col].dtype == object and len(df) and isinstance(
+                df[col].dropna().iloc[0] if df[col].notna().any() else None,
+                (list, dict, np.ndarray)):
+            raise DataError(f"data.path: column {col!r} of {path} is nested; "
+                            "only flat columns of numbers or text are supported")
+
+
+def _clean(df: pd.DataFrame, na_values: list[str]) -> pd.DataFrame:
+    """Strip text, turn na_values into missing, and re-type text columns that are numbers.
+
+    pyarrow matches na_values exactly, so ``" ?"`` in a ``", "``-separated file (adult)
+    would survive; stripping first makes ``?`` match however the file is spaced.
+    """
+    df = df.rename(columns=lambda c: str(c).strip())
+    for col in df.columns:
+        s = df[col]
+        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        if not (pd.api.types.is_string_dtype(s) or s.dtype == object):
+            continue
+        s = s.astype("str").where(s.notna()).str.strip()
+        if na_values:
+            s = s.mask(s.isin(na_values))
+        numeric = pd.to_numeric(s, errors="coerce")
+        df[col] = numeric if numeric.notna().sum() == s.notna().sum() and s.notna().any() else s
+    return df
+
+
+def infer_schema(df: pd.DataFrame, data: Any) -> Schema:
+    """Target, features and their kinds; raises DataError naming the spec key."""
+    if len(df) == 0 or len(df.columns) == 0:
+        raise DataError(f"data.path: {data.path} has no rows")
+    cols = list(df.columns)
+    if data.target not in cols:
+        hint = " (one column was read: check data.delimiter)" if len(cols) == 1 else ""
+        raise DataError(f"data.target: column {data.target!r} not in the table; "
+                        f"columns: {_short(cols)}{hint}")
+    features = list(data.features) if data.features else [c for c in cols if c != data.target]
+    absent = [c for c in features if c not in cols]
+    if absent:
+        raise DataError(f"data.features: not in the table: {', '.join(map(repr, absent))}; "
+                        f"columns: {_short(cols)}")
+    if data.target in features:
+        raise DataError(f"data.features: lists the target {data.target!r}")
+    declared = list(data.categorical) if data.categorical is not None else None
+    if declared is not None:
+        stray = [c for c in declared if c not in features]
+        if stray:
+            raise DataError(f"data.categorical: not among the features: "
+                            f"{', '.join(map(repr, stray))}")
+        categorical = declared
+    else:
+        categorical = [c for c in features if not pd.api.types.is_numeric_dtype(df[c])]
+    numeric = [c for c in features if c not in categorical]
+    schema = Schema(target=data.target, task=data.task, numeric=numeric, categorical=categorical)
+    _check_target(df, schema)
+    _check_categories(df, schema)
+    return schema
+
+
+def _short(cols: list[str], n: int = 12) -> str:
+    more = f", ... ({len(cols)} in all)" if len(cols) > n else ""
+    return ", ".join(cols[:n]) + more
+
+
+def _check_target(df: pd.DataFrame, schema: Schema) -> None:
+    y = df[schema.target]
+    missing = int(y.isna().sum())
+    if missing == len(y):
+        raise DataError(f"data.target: {schema.target!r} is missing in every row")
+    if missing:
+        rows = ", ".join(str(r) for r in y.index[y.isna()][:5])
+        raise DataError(f"data.target: {schema.target!r} has {missing} missing values "
+                        f"(rows {rows}...); label every row or drop unlabelled rows")
+    if schema.task == "regression":
+        if not pd.api.types.is_numeric_dtype(y):
+            raise DataError(f"data.target: {schema.target!r} is not numeric (e.g. "
+                            f"{y.iloc[0]!r}) but data.task is regression")
+        if not np.isfinite(y.to_numpy(dtype=float)).all():
+            raise DataError(f"data.target: {schema.target!r} has infinite values")
+    elif y.nunique() < 2:
+        raise DataError(f"data.target: {schema.target!r} has a single class "
+                        f"({y.iloc[0]!r}); classification needs at least two")
+
+
+def _check_categories(df: pd.DataFrame, schema: Schema) -> None:
+    for col in schema.categorical:
+        n = int(df[col].nunique())
+        if n > MAX_CATEGORIES:
+            raise DataError(f"data.categorical: column {col!r} has {n:,} distinct values "
+                            f"(limit {MAX_CATEGORIES:,}); leave it out of data.features or "
+                            "declare it numeric")
+
+
+def select(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Feature + target columns, categoricals as ``str`` so the imputer sees their kind."""
+    out = df[[*schema.features, schema.target]].copy()
+    for col in schema.categorical:
+        if pd.api.types.is_numeric_dtype(out[col]):
+            out[col] = out[col].astype("str").where(out[col].notna())
+    return out
+
+
+def split(df: pd.DataFrame, schema: Schema, spec: Any) -> Splits:
+    """Seeded train/val/test split, stratified on the target for classification."""
+    n = len(df)
+    n_test, n_val = round(n * spec.test), round(n * spec.val)
+    if n - n_test - n_val < 2 or n_test < 1 or n_val < 1:
+        raise DataError(f"data.split: {n} rows are too few for val={spec.val}, "
+                        f"test={spec.test}: the training split would be empty")
+    strat = df[schema.target] if schema.task == "classification" and spec.stratify else None
+    if strat is not None and strat.value_counts().min() < 3:
+        warnings.warn("data.split.stratify: a class has fewer than 3 rows; "
+                      "splitting without stratification", stacklevel=2)
+        strat = None
+    rest, test = train_test_split(df, test_size=n_test, random_state=spec.seed, stratify=strat)
+    strat_rest = rest[schema.target] if strat is not None else None
+    train, val = train_test_split(rest, test_size=n_val, random_state=spec.seed + 1,
+                                  stratify=strat_rest)
+    return Splits(train=train, val=val, test=test)
+
+
+def fingerprint(df: pd.DataFrame) -> str:
+    """A short content hash of a frame: same data -> same fingerprint, across runs."""
+    h = pd.util.hash_pandas_object(df, index=False).to_numpy()
+    cols = ",".join(f"{c}:{df[c].dtype}" for c in df.columns).encode()
+    return hashlib.sha256(h.tobytes() + cols).hexdigest()[:16]
+
+
+def read_images(data: Any) -> ImageSet:
+    """Read ``x`` (N, H, W) or (N, C, H, W) and ``y`` from an .npz file."""
+    path = str(data.path)
+    _check_exists(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "x" not in npz.files or "y" not in npz.files:
+                raise DataError(f"data.path: {path} must hold arrays 'x' and 'y', "
+                                f"has {', '.join(npz.files) or 'none'}")
+            x, y = npz["x"], npz["y"]
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data.path: cannot read {path} as .npz: {exc}") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
+        raise DataError(f"data.path: x must be (N, H, W) or (N, C, H, W) with N == len(y), "
+                        f"got x{x.shape} and y{y.shape}")
+    if not np.isfinite(x.astype(np.float64)).all():
+        raise DataError(f"data.path: x in {path} has missing or infinite pixels")
+    return ImageSet(x=x.astype(np.float32), y=y)

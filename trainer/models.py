@@ -1,0 +1,168 @@
+"""The networks: an MLP for tables (or flattened images) and a small CNN for images.
+
+``build_model`` takes the spec's ``model`` section duck-typed (any object with its
+attributes: kind, hidden, activation, dropout, channels, kernel_size, pool) and returns a
+plain ``nn.Sequential``, seeded so that the same spec and seed give the same weights.
+
+Initialisation follows the activation: Kaiming/He (uniform, fan-in) for the ReLU family
+and softplus, Xavier/Glorot (uniform) for tanh, sigmoid and sign; biases start at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "sign")
+KINDS = ("mlp", "cnn")
+POOLS = ("max", "avg", "none")
+LEAKY_SLOPE = 0.01
+
+
+class Sign(nn.Module):
+    """The perceptron's step, ``torch.sign``: forward only.
+
+    Its gradient is zero almost everywhere, so layers *below* a sign activation never learn
+    by backpropagation; only the head after the last sign layer does. It is here to show
+    why smooth activations replaced the perceptron's step, not to train deep networks.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_SLOPE)
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "softplus":
+        return nn.Softplus()
+    if name == "sign":
+        return Sign()
+    raise ValueError(f"model.activation: unknown activation {name!r}; "
+                     f"allowed: {', '.join(ACTIVATIONS)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The ``model`` section of the job spec, read attribute by attribute."""
+
+    kind: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    activation: str = "relu"
+    dropout: float = 0.0
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    kernel_size: int = 3
+    pool: str = "max"
+
+    @classmethod
+    def from_spec(cls, model: Any) -> ModelConfig:
+        defaults = cls()
+        return cls(**{f.name: getattr(model, f.name, getattr(defaults, f.name))
+                      for f in fields(cls)})
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model.kind: unknown kind {self.kind!r}; allowed: mlp, cnn")
+        if self.activation not in ACTIVATIONS:
+            make_activation(self.activation)  # raises with the allowed names
+        if self.pool not in POOLS:
+            raise ValueError(f"model.pool: unknown pool {self.pool!r}; allowed: max, avg, none")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        for key in ("hidden", "channels"):
+            sizes = list(getattr(self, key))
+            if any(int(s) < 1 for s in sizes):
+                raise ValueError(f"model.{key}: layer sizes must be >= 1, got {sizes}")
+
+
+def build_model(model: Any, input_shape: tuple[int, ...], n_outputs: int,
+                seed: int) -> nn.Module:
+    """The network for ``input_shape`` (one example, no batch dim) and ``n_outputs``.
+
+    ``n_outputs`` is the number of classes (one logit per class, also for two classes) or 1
+    for regression. Building does not touch the global RNG: it runs inside ``fork_rng``.
+    """
+    cfg = ModelConfig.from_spec(model)
+    shape = tuple(int(s) for s in input_shape)
+    if n_outputs < 1:
+        raise ValueError(f"n_outputs: must be >= 1 (classes, or 1 for regression), "
+                         f"got {n_outputs}")
+    if not 1 <= len(shape) <= 3:
+        raise ValueError(f"input_shape: one example is (features,), (H, W) or (C, H, W); "
+                         f"got {shape}")
+    if cfg.kind == "cnn" and len(shape) == 1:
+        raise ValueError(f"model.kind: cnn needs image data (an .npz with x of shape (N, H, W) "
+                         f"or (N, C, H, W)); this table has {shape[0]} features: use mlp")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        body, n_features = _cnn_body(cfg, shape) if cfg.kind == "cnn" else _mlp_body(shape)
+        net = nn.Sequential(*body, *_head(cfg, n_features, n_outputs))
+        init_weights(net, cfg.activation)
+    return net
+
+
+def _mlp_body(shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """An MLP sees images as flat vectors."""
+    return ([nn.Flatten()] if len(shape) > 1 else []), math.prod(shape)
+
+
+def _cnn_body(cfg: ModelConfig, shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """Conv(same) -> activation -> 2x2 pool per entry of ``channels``, then flatten."""
+    layers: list[nn.Module] = []
+    if len(shape) == 2:  # (H, W): one channel
+        layers.append(nn.Unflatten(1, (1, shape[0])))  # (B, H, W) -> (B, 1, H, W)
+        shape = (1, *shape)
+    c_in, h, w = shape
+    for c_out in cfg.channels:
+        layers += [nn.Conv2d(c_in, int(c_out), cfg.kernel_size, padding="same"),
+                   make_activation(cfg.activation)]
+        if cfg.pool != "none" and min(h, w) >= 2:  # pooling a size-1 map would empty it
+            layers.append(nn.MaxPool2d(2) if cfg.pool == "max" else nn.AvgPool2d(2))
+            h, w = h // 2, w // 2
+        c_in = int(c_out)
+    layers.append(nn.Flatten())
+    return layers, c_in * h * w
+
+
+def _head(cfg: ModelConfig, n_in: int, n_outputs: int) -> list[nn.Module]:
+    """Linear -> activation -> Dropout per hidden size, then a Linear head (no activation)."""
+    layers: list[nn.Module] = []
+    for size in cfg.hidden:
+        layers += [nn.Linear(n_in, int(size)), make_activation(cfg.activation)]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        n_in = int(size)
+    layers.append(nn.Linear(n_in, n_outputs))
+    return layers
+
+
+def init_weights(net: nn.Module, activation: str) -> None:
+    """He init for the ReLU family and softplus, Xavier for tanh/sigmoid/sign; zero biases.
+
+    Draws from the global torch RNG: ``build_model`` calls it inside a seeded ``fork_rng``.
+    """
+    for module in net.modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        if activation in ("relu", "softplus"):
+            nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
+        elif activation == "leaky_relu":
+            nn.init.kaiming_uniform_(module.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

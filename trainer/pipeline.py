@@ -1,0 +1,173 @@
+"""From the spec's data + impute sections to arrays a network trains on.
+
+read -> schema -> split (seeded) -> imputer + encoder fitted on the training split only ->
+float32 arrays. ``split_data`` and ``prepare`` are separate so a sweep reads and splits once
+and prepares once per distinct imputation choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.data import (
+    DataError,
+    ImageSet,
+    Schema,
+    Splits,
+    detect_format,
+    fingerprint,
+    infer_schema,
+    read_images,
+    read_table,
+    select,
+    split,
+)
+from trainer.encode import Preprocessor
+from trainer.impute import Imputer
+
+
+@dataclass
+class RawData:
+    """The split, before any fitting: what a sweep shares between trials."""
+
+    splits: Splits | None
+    schema: Schema | None
+    images: dict[str, ImageSet] | None
+    fingerprint: str
+    task: str
+
+
+@dataclass
+class Prepared:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    task: str
+    n_classes: int
+    preprocessor: Any
+    fingerprint: str
+    y_mean: float = 0.0
+    y_scale: float = 1.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def split_data(data: Any) -> RawData:
+    """Read and split the data named by the spec's ``data`` section."""
+    if detect_format(str(data.path), data.format) == "npz":
+        return _split_images(data)
+    df = read_table(data)
+    schema = infer_schema(df, data)
+    frame = select(df, schema)
+    splits = split(frame, schema, data.split)
+    return RawData(splits=splits, schema=schema, images=None,
+                   fingerprint=fingerprint(frame), task=data.task)
+
+
+def _split_images(data: Any) -> RawData:
+    if data.task != "classification":
+        raise DataError("data.task: image data (.npz) supports classification only")
+    images = read_images(data)
+    y = pd.Series(images.y)
+    if y.nunique() < 2:
+        raise DataError("data.path: y holds a single class; classification needs two")
+    idx = pd.DataFrame({"y": y})
+    schema = Schema(target="y", task="classification", numeric=[], categorical=[])
+    parts = split(idx, schema, data.split)
+    sets = {name: ImageSet(x=images.x[part.index.to_numpy()], y=images.y[part.index.to_numpy()])
+            for name, part in (("train", parts.train), ("val", parts.val), ("test", parts.test))}
+    fp = fingerprint(pd.DataFrame({"x": images.x.reshape(len(images.x), -1).sum(1),
+                                   "y": images.y}))
+    return RawData(splits=None, schema=None, images=sets, fingerprint=fp, task=data.task)
+
+
+def make_imputer(impute: Any) -> Imputer:
+    return Imputer(numeric=impute.numeric, categorical=impute.categorical,
+                   drop_columns_above=impute.drop_columns_above,
+                   indicator=impute.indicator, fill_value=impute.fill_value)
+
+
+def prepare(raw: RawData, impute: Any) -> Prepared:
+    """Fit the preprocessing on the training split only, then transform all three."""
+    if raw.images is not None:
+        return _prepare_images(raw)
+    assert raw.splits is not None and raw.schema is not None
+    target = raw.schema.target
+    tr, va, te = raw.splits.train, raw.splits.val, raw.splits.test
+    pre = Preprocessor(make_imputer(impute), task=raw.task)
+    x_tr, y_tr = pre.fit_transform(tr.drop(columns=[target]), tr[target])
+    if len(x_tr) == 0:
+        raise DataError("impute: no training rows left after drop_rows; "
+                        "choose another impute strategy")
+    x_va, y_va, kept_va = pre.transform(va.drop(columns=[target]), va[target], drop_missing=True)
+    x_te, y_te, kept_te = pre.transform(te.drop(columns=[target]), te[target], drop_missing=True)
+    if len(x_va) == 0 or len(x_te) == 0:
+        raise DataError("impute: drop_rows left an empty validation or test split")
+    tgt = pre.target_encoder_
+    n_classes = len(tgt.classes_) if raw.task == "classification" else 0
+    info = {"rows_train": len(x_tr), "rows_val": len(x_va), "rows_test": len(x_te),
+            "rows_dropped_train": len(tr) - len(x_tr),
+            "rows_dropped_eval": (len(va) - len(kept_va)) + (len(te) - len(kept_te)),
+            "n_features": int(x_tr.shape[1])}
+    return Prepared(x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te, y_test=y_te,
+                    task=raw.task, n_classes=n_classes, preprocessor=pre,
+                    fingerprint=raw.fingerprint,
+                    y_mean=float(getattr(tgt, "mean_", 0.0) or 0.0),
+                    y_scale=float(getattr(tgt, "scale_", 1.0) or 1.0), info=info)
+
+
+class ImagePreprocessor:
+    """Pixel scaling fitted on the training images; labels to class indices."""
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> ImagePreprocessor:
+        self.mean_ = float(x.mean())
+        self.std_ = float(x.std()) or 1.0
+        self.classes_ = np.unique(y)
+        self.input_shape_ = tuple(x.shape[1:])
+        return self
+
+    def transform_x(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == len(self.input_shape_):
+            x = x[:, None]
+        if x.ndim == 2:
+            x = x.reshape((len(x), *self.input_shape_))
+        return ((x - self.mean_) / self.std_).astype(np.float32)
+
+    def transform_y(self, y: np.ndarray) -> np.ndarray:
+        idx = np.searchsorted(self.classes_, y)
+        idx = np.clip(idx, 0, len(self.classes_) - 1)
+        if not (self.classes_[idx] == y).all():
+            raise DataError("data: test labels not seen in training")
+        return idx.astype(np.int64)
+
+    def decode_y(self, idx: np.ndarray) -> np.ndarray:
+        return self.classes_[np.asarray(idx)]
+
+
+def _prepare_images(raw: RawData) -> Prepared:
+    assert raw.images is not None
+    tr, va, te = raw.images["train"], raw.images["val"], raw.images["test"]
+    pre = ImagePreprocessor().fit(tr.x, tr.y)
+    return Prepared(
+        x_train=pre.transform_x(tr.x), y_train=pre.transform_y(tr.y),
+        x_val=pre.transform_x(va.x), y_val=pre.transform_y(va.y),
+        x_test=pre.transform_x(te.x), y_test=pre.transform_y(te.y),
+        task="classification", n_classes=len(pre.classes_), preprocessor=pre,
+        fingerprint=raw.fingerprint,
+        info={"rows_train": len(tr.x), "rows_val": len(va.x), "rows_test": len(te.x),
+              "input_shape": list(tr.x.shape[1:])})
+
+
+def load_and_prepare(data: Any, impute: Any) -> Prepared:
+    return prepare(split_data(data), impute)
