@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -92,8 +93,9 @@ def main() -> None:
     df = make_frame(args.rows)
     by: dict[str, dict[str, float]] = {}
     for strategy in ("mean", "median"):
-        ours = best_of(lambda s=strategy: Imputer(numeric=s, categorical="mode").fit_transform(df))
-        theirs = best_of(lambda s=strategy: run_sklearn(df, s))
+        imputer = Imputer(numeric=strategy, categorical="mode")
+        ours = best_of(partial(imputer.fit_transform, df))
+        theirs = best_of(partial(run_sklearn, df, strategy))
         by[strategy] = {"imputer_s": round(ours, 3), "simpleimputer_s": round(theirs, 3),
                         "ratio": round(ours / theirs, 3)}
     grow = peak_growth(lambda: Imputer(numeric="median", categorical="mode").fit_transform(df))

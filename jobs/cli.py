@@ -112,11 +112,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_command(_load(args), args.input, args.output, args.alias)
 
 
+def _quiet() -> None:
+    """MLflow and Ray are chatty; rungwise prints its own summary. --debug brings them back."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug_flag = "--debug" in argv
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = args.debug or debug_flag
     func: Callable[[argparse.Namespace], int] = args.func
     debug = args.debug or os.environ.get("RUNGWISE_DEBUG") == "1"
+    if not debug:
+        _quiet()
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -67,3 +67,48 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source}: a checkpoint is a dict, got {type(ckpt).__name__}")
     return ckpt
+
+
+def make_checkpoint(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    generator: torch.Generator, progress: dict[str, Any]) -> dict[str, Any]:
+    """A CPU copy of everything a resumed run needs; ``progress`` is the loop's bookkeeping.
+
+    The model is the unwrapped module (no DDP ``module.`` prefix). RNG states are uint8
+    tensors: the shuffle generator's, the global CPU one (dropout) and CUDA's if used.
+    """
+    device = next(net.parameters()).device
+    return copy_tensors({
+        "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        **progress,
+        "rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }, torch.device("cpu"))
+
+
+def restore_checkpoint(ckpt: dict[str, Any], net: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, scheduler: Any,
+                       generator: torch.Generator) -> dict[str, Any]:
+    """Load ``make_checkpoint``'s states back in place; returns the remaining entries."""
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt["scheduler"] is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    generator.set_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    device = next(net.parameters()).device
+    if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    skip = {"model", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng"}
+    return {k: copy_tensors(v, device) for k, v in ckpt.items() if k not in skip}
+
+
+def copy_tensors(obj: Any, device: torch.device | None = None) -> Any:
+    """A deep copy of nested dicts/lists of tensors (moved to ``device``), detached."""
+    if torch.is_tensor(obj):
+        return obj.detach().to(device or obj.device, copy=True)
+    if isinstance(obj, dict):
+        return {k: copy_tensors(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(copy_tensors(v, device) for v in obj)
+    return obj

@@ -23,7 +23,10 @@ MISSING = "__missing__"
 INDICATOR_SUFFIX = "__missing"
 MODEL_MAX_ROWS = 50_000
 MODEL_SEED = 0
-_ALTERNATIVES = {"numeric": "mean/median/mode/constant/model", "categorical": "mode/constant/category"}
+_ALTERNATIVES = {
+    "numeric": "mean/median/mode/constant/model",
+    "categorical": "mode/constant/category",
+}
 
 
 class MissingAtPredictionError(ValueError):
@@ -42,7 +45,7 @@ class Imputer(BaseEstimator):
     ``numeric`` in mean | median | mode | constant | model | drop_rows; ``categorical`` in
     mode | constant | category | drop_rows; ``drop_columns_above`` a fraction in (0, 1] or None;
     ``indicator`` adds float32 ``<col>__missing`` flags; ``fill_value`` for ``constant``
-    (numeric default 0, categorical default ``"__missing__"``; categorical uses ``str(fill_value)``).
+    (numeric default 0, categorical default ``"__missing__"``, else ``str(fill_value)``).
 
     Column kind comes from the dtype: numeric (bools included) or categorical (everything else,
     cast to the pandas ``str`` dtype). Numeric outputs are float64, or float32 if the input was.
@@ -108,18 +111,14 @@ class Imputer(BaseEstimator):
         _check_choice("impute.numeric", self.numeric, NUMERIC_STRATEGIES)
         _check_choice("impute.categorical", self.categorical, CATEGORICAL_STRATEGIES)
         thr = self.drop_columns_above
-        if thr is not None and (
-            isinstance(thr, bool) or not isinstance(thr, Real) or not 0 < thr <= 1
-        ):
+        if thr is not None and not (_is_number(thr) and 0 < thr <= 1):
             raise ValueError(
                 f"impute.drop_columns_above: got {thr!r}, allowed: a fraction in (0, 1] or null"
             )
         if not isinstance(self.indicator, bool | np.bool_):
             raise ValueError(f"impute.indicator: got {self.indicator!r}, allowed: true, false")
         fv = self.fill_value
-        if self.numeric == "constant" and fv is not None and (
-            isinstance(fv, bool) or not isinstance(fv, Real)
-        ):
+        if self.numeric == "constant" and fv is not None and not _is_number(fv):
             raise ValueError(
                 f"impute.fill_value: got {fv!r}, allowed: a number when impute.numeric=constant"
             )
@@ -147,14 +146,13 @@ class Imputer(BaseEstimator):
             model = _fit_model(train[num])
             stats.update(zip(num, map(float, model.initial_imputer_.statistics_), strict=True))
         elif self.numeric != "drop_rows":
-            default = 0.0 if self.fill_value is None else float(self.fill_value)
-            stats.update(_statistics(train, num, self.numeric, default))
+            number = 0.0 if self.fill_value is None else float(self.fill_value)
+            stats.update(_statistics(train, num, self.numeric, number))
         if self.categorical != "drop_rows":
-            default = MISSING if self.fill_value is None else str(self.fill_value)
-            if self.categorical == "category":
-                default = MISSING
+            own = self.fill_value is None or self.categorical == "category"
+            text = MISSING if own else str(self.fill_value)
             strategy = "constant" if self.categorical == "category" else self.categorical
-            stats.update(_statistics(train, cat, strategy, default))
+            stats.update(_statistics(train, cat, strategy, text))
         return stats, model
 
     def _indicators(self, columns: list[str]) -> list[str]:
@@ -200,8 +198,7 @@ class Imputer(BaseEstimator):
         return df.index[self.droppable_mask(df)]
 
     def _fill(self, df: pd.DataFrame) -> pd.DataFrame:
-        kept = self.feature_names_out_[: len(self.feature_names_out_) - len(self.indicator_columns_)]
-        out = _cast(df[kept], self.dtypes_)
+        out = _cast(df[self._kept()], self.dtypes_)
         flags = None
         if self.indicator_columns_:
             src = [c[: -len(INDICATOR_SUFFIX)] for c in self.indicator_columns_]
@@ -225,12 +222,13 @@ class Imputer(BaseEstimator):
         """Extra columns are ignored; kept training columns must be present."""
         _check_frame(df, "transform")
         have = set(df.columns)
-        missing = [c for c in self.feature_names_out_ if c not in self.indicator_columns_
-                   and c not in have]
+        missing = ", ".join(str(c) for c in self._kept() if c not in have)
         if missing:
-            raise ValueError(
-                f"Imputer.transform: columns seen in fit are missing: {', '.join(map(str, missing))}"
-            )
+            raise ValueError(f"Imputer.transform: columns seen in fit are missing: {missing}")
+
+    def _kept(self) -> list[str]:
+        """Input columns that survive into the output, in input order."""
+        return [c for c in self.feature_names_out_ if c in self.dtypes_]
 
     def _missing_message(self, df: pd.DataFrame, bad: np.ndarray) -> str:
         """One line naming up to 5 offending row labels, the columns and the strategy keys."""
@@ -291,6 +289,10 @@ def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{key}: got {value!r}, allowed: {', '.join(allowed)}")
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool | np.bool_)
+
+
 def _check_frame(df: Any, where: str) -> None:
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"Imputer.{where}: expected a pandas DataFrame, got {type(df).__name__}")
@@ -339,7 +341,7 @@ def _fit_model(num: pd.DataFrame) -> Any:
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer
 
-    x = num.to_numpy(dtype=np.float64, na_value=np.nan)
+    x = num.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     if len(x) > MODEL_MAX_ROWS:
         rows = np.random.default_rng(MODEL_SEED).choice(len(x), MODEL_MAX_ROWS, replace=False)
         x = x[np.sort(rows)]
@@ -351,7 +353,7 @@ def _fit_model(num: pd.DataFrame) -> Any:
 
 def _apply_model(model: Any, out: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     """Run the IterativeImputer only on rows that need it (most rows are usually complete)."""
-    x = out[cols].to_numpy(dtype=np.float64, na_value=np.nan)
+    x = out[cols].to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     rows = np.isnan(x).any(axis=1)
     if not rows.any():
         return out

@@ -11,16 +11,20 @@ and softplus, Xavier/Glorot (uniform) for tanh, sigmoid and sign; biases start a
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "sign")
 KINDS = ("mlp", "cnn")
 POOLS = ("max", "avg", "none")
 LEAKY_SLOPE = 0.01
+EVAL_BATCH = 8192
 
 
 class Sign(nn.Module):
@@ -166,3 +170,52 @@ def init_weights(net: nn.Module, activation: str) -> None:
 
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+# --- inference -------------------------------------------------------------------------
+
+
+def forward_batched(model: nn.Module, x: Any, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Outputs for all of ``x`` (array or tensor) in eval mode, without grad; float32."""
+    net = unwrap(model)
+    device = param_device(net)
+    x = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, dtype=np.float32))
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), autocast_context(device, use_bf16(device)):
+        outs = [net(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    net.train(was_training)
+    return torch.cat(outs).float()
+
+
+def predict(model: nn.Module, x: Any, y_mean: float = 0.0, y_scale: float = 1.0) -> np.ndarray:
+    """Class indices (a network with >= 2 outputs) or de-standardised values (1 output)."""
+    out = forward_batched(model, x)
+    if out.shape[-1] == 1:
+        return (out.squeeze(-1).double() * y_scale + y_mean).cpu().numpy()
+    return out.argmax(-1).cpu().numpy()
+
+
+def predict_proba(model: nn.Module, x: Any) -> np.ndarray:
+    """Class probabilities (N, n_classes) of a classification network."""
+    return torch.softmax(forward_batched(model, x), dim=-1).cpu().numpy()
+
+
+def use_bf16(device: torch.device) -> bool:
+    """bf16 autocast on CUDA devices that support it; CPU runs stay float32."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def param_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

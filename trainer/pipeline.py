@@ -56,6 +56,8 @@ class Prepared:
     y_mean: float = 0.0
     y_scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
+    example: pd.DataFrame | None = None
+    """A few raw validation rows (missing values first): the model's input example."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -123,7 +125,17 @@ def prepare(raw: RawData, impute: Any) -> Prepared:
                     task=raw.task, n_classes=n_classes, preprocessor=pre,
                     fingerprint=raw.fingerprint,
                     y_mean=float(getattr(tgt, "mean_", 0.0) or 0.0),
-                    y_scale=float(getattr(tgt, "scale_", 1.0) or 1.0), info=info)
+                    y_scale=float(getattr(tgt, "scale_", 1.0) or 1.0), info=info,
+                    example=example_rows(va.drop(columns=[target]), pre))
+
+
+def example_rows(frame: pd.DataFrame, pre: Any, n: int = 5) -> pd.DataFrame:
+    """Rows with missing values first, so the logged example shows that they are handled."""
+    keep = ~pre.imputer.droppable_mask(frame)
+    frame = frame[keep]
+    has_na = frame.isna().any(axis=1).to_numpy()
+    return pd.concat([frame[has_na].head(n), frame[~has_na].head(n)]).head(n).reset_index(
+        drop=True)
 
 
 class ImagePreprocessor:

@@ -1,0 +1,154 @@
+"""Subcommands beyond inspect/train/tune/predict: submit and jobs (and, later, retrain, schedule).
+
+``jobs.cli.build_parser`` calls :func:`add_parsers`; each ``_add_*`` registers one subcommand
+and its handler. Handlers import their heavy modules (ray) when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+AddSpec = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parsers(sub: Any, add_spec: AddSpec) -> None:
+    """Register the extra subcommands on the CLI's subparsers."""
+    _add_submit(sub, add_spec)
+    _add_jobs(sub)
+    # --- retrain, schedule: registered below by their owner -------------------------------
+
+
+# --- submit ----------------------------------------------------------------------------
+
+
+def _add_submit(sub: Any, add_spec: AddSpec) -> None:
+    from jobs.submit import COMMANDS, HIDDEN_COMMANDS
+
+    p = sub.add_parser(
+        "submit", help="run the spec on a Ray cluster as a Ray job",
+        description="Upload the project folder as the job's working_dir and run "
+                    "`python -m jobs COMMAND SPEC` on the cluster. The head must run in the "
+                    "environment that has rungwise's dependencies (or pass --python). With "
+                    "token authentication, the token is read from RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
+    add_spec(p)
+    _add_address(p)
+    p.add_argument("--command", default="tune", choices=COMMANDS + HIDDEN_COMMANDS,
+                   metavar="{" + ",".join(COMMANDS) + "}",
+                   help="what the job runs (default: tune)")
+    p.add_argument("--follow", action="store_true",
+                   help="stream the job's logs until it ends; exit 0 if it succeeded, else 1")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return right after submitting (default: wait until the job starts)")
+    p.add_argument("--allow-local-tracking", action="store_true",
+                   help="submit even if MLflow tracking points at a local file or SQLite store")
+    p.add_argument("--python", default="python",
+                   help="interpreter on the cluster (default: `python` on the head's PATH)")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ",
+                   help="extra package for the job's runtime_env pip (repeatable)")
+    p.add_argument("--arg", dest="extra_args", action="append", default=[], metavar="ARG",
+                   help="extra argument for the command on the cluster, e.g. "
+                        "--arg=--no-register (repeatable)")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import SubmitRequest, submit
+
+    return submit(SubmitRequest(
+        spec=args.spec, overrides=list(args.overrides), address=args.address,
+        command=args.command, python=args.python, pip=list(args.pip), args=list(args.extra_args),
+        allow_local_tracking=args.allow_local_tracking, follow=args.follow,
+        wait=not args.no_wait))
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="the head's dashboard URL, http://HOST:8265 (default: $RAY_ADDRESS)")
+
+
+# --- jobs ------------------------------------------------------------------------------
+
+
+def _add_jobs(sub: Any) -> None:
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs on a cluster")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    q = jobs.add_parser("list", help="a table of the cluster's jobs")
+    _add_address(q)
+    q.set_defaults(func=cmd_jobs_list)
+    for name, func, help_ in (("status", cmd_jobs_status, "status and message of a job"),
+                              ("logs", cmd_jobs_logs, "a job's logs"),
+                              ("stop", cmd_jobs_stop, "stop a running job")):
+        q = jobs.add_parser(name, help=help_)
+        q.add_argument("job_id", metavar="ID", help="submission id (see `rungwise jobs list`)")
+        _add_address(q)
+        if name == "logs":
+            q.add_argument("--follow", action="store_true",
+                           help="stream until the job ends; exit 0 if it succeeded, else 1")
+        q.set_defaults(func=func)
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from jobs.submit import cluster_errors, connect
+
+    client, url, headers = connect(args.address)
+    with cluster_errors(url, headers):
+        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    rows = [(j.submission_id or j.job_id or "-", str(j.status), _when(j.start_time),
+             _short(j.entrypoint, 60)) for j in jobs]
+    header = ("ID", "STATUS", "START", "ENTRYPOINT")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    return 0
+
+
+def cmd_jobs_status(args: argparse.Namespace) -> int:
+    from jobs.submit import cluster_errors, connect
+
+    client, url, headers = connect(args.address)
+    with cluster_errors(url, headers, args.job_id):
+        info = client.get_job_info(args.job_id)
+    print(f"{args.job_id}  {info.status}  start {_when(info.start_time)}  "
+          f"end {_when(info.end_time)}")
+    if info.message:
+        print(_short(info.message, 500))
+    return 0
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> int:
+    from jobs.submit import cluster_errors, connect, follow
+
+    client, url, headers = connect(args.address)
+    if args.follow:
+        return follow(client, url, headers, args.job_id)
+    with cluster_errors(url, headers, args.job_id):
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def cmd_jobs_stop(args: argparse.Namespace) -> int:
+    from jobs.submit import cluster_errors, connect
+
+    client, url, headers = connect(args.address)
+    with cluster_errors(url, headers, args.job_id):
+        status = str(client.get_job_info(args.job_id).status)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            print(f"{args.job_id} has already ended: {status}")
+            return 0
+        client.stop_job(args.job_id)
+    print(f"stop requested: {args.job_id}")
+    return 0

@@ -1,0 +1,38 @@
+"""`rungwise train`: one training run of the spec's values, logged to MLflow as one run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trainer.pipeline import load_and_prepare
+from trainer.run import RunResult, train_run
+
+
+def train_command(spec: Any, tracking: bool = True) -> int:
+    t0 = time.perf_counter()
+    prepared = load_and_prepare(spec.data, spec.impute)
+    if not tracking:
+        result = train_run(spec.model, spec.train, prepared)
+        _summary(spec, result, prepared, time.perf_counter() - t0, None)
+        return 0
+    from tuning.single import tracked_run
+
+    result, run_id, uri = tracked_run(spec, prepared)
+    _summary(spec, result, prepared, time.perf_counter() - t0, (run_id, uri))
+    return 0
+
+
+def _summary(spec: Any, result: RunResult, prepared: Any, seconds: float,
+             run: tuple[str, str] | None) -> None:
+    fit = result.fit
+    how = "stopped early (patience)" if fit.stopped_early else "ran all epochs"
+    print(f"{spec.name}: {fit.epochs_run} epochs ({how}), best epoch {fit.best_epoch}, "
+          f"best val_loss {fit.best_val_loss:.4f}, {seconds:.1f} s")
+    print(f"data: {prepared.info.get('rows_train')} train / {prepared.info.get('rows_val')} val "
+          f"/ {prepared.info.get('rows_test')} test rows, "
+          f"{prepared.x_train.shape[1:]} inputs")
+    print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items()))
+    if run is not None:
+        print(f"mlflow: run {run[0]} in experiment '{spec.tracking.experiment or spec.name}' "
+              f"at {run[1]}  (see it with: mlflow ui --backend-store-uri {run[1]})")

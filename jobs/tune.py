@@ -1,0 +1,64 @@
+"""`rungwise tune`: run (or resume) a sweep, print the top trials and where to look."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM ends the sweep like Ctrl-C: runs marked KILLED, a resume hint printed."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def tune_command(spec: Any, resume: bool = False, address: str | None = None,
+                 register: bool = True, tracking: bool = True) -> int:
+    from tuning.sweep import run_sweep
+
+    _sigterm_as_interrupt()
+    print(f"rungwise tune {spec.name}: {spec.tune.num_samples} trials, search "
+          f"{spec.tune.search}, metric {spec.tune.metric} ({spec.tune.mode})", flush=True)
+    try:
+        result = run_sweep(spec, resume=resume, address=address, register=register,
+                           tracking=tracking)
+    except KeyboardInterrupt:
+        print(f"\nrungwise: sweep interrupted; its MLflow runs are marked KILLED. Continue it "
+              f"with: rungwise tune {' '.join(sys.argv[2:3]) or 'SPEC'} --resume",
+              file=sys.stderr)
+        return 130
+    print_summary(spec, result)
+    return 0
+
+
+def print_summary(spec: Any, result: Any, top: int = 5) -> None:
+    print(f"\nstrategy: {result.strategy} ({result.reason})")
+    key = "best_val_loss"
+    rows = sorted(result.trials, key=lambda r: r.get(key, float("inf")))[:top]
+    if rows:
+        params = [k for k in rows[0] if "." in k]
+        header = ["trial", "status", "epochs", key, *params]
+        table = [header] + [[str(r["trial_id"]), str(r["status"]), str(r["epochs"]),
+                             f"{r[key]:.4f}", *[str(r.get(p, "")) for p in params]]
+                            for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        print(f"top {len(rows)} of {len(result.trials)} trials:")
+        for row in table:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(f"best {spec.tune.metric}: {result.best_value:.4f} with "
+          + ", ".join(f"{k}={v}" for k, v in result.best_overrides.items()))
+    print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items()))
+    if result.version:
+        print(f"registered: {spec.tracking.register_as} version {result.version} "
+              f"(aliases: {', '.join(result.aliases)})")
+    if result.tracking_uri:
+        from tuning.tracking import mask_uri
+
+        uri = mask_uri(result.tracking_uri)
+        print(f"mlflow: parent run {result.parent_run_id}; open the UI with:\n"
+              f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
+              else f"mlflow: parent run {result.parent_run_id} at {uri}")

@@ -1,0 +1,310 @@
+"""trainer.loop: callbacks, early stopping, divergence, exact resume, determinism, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import mean_absolute_error, r2_score
+
+from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.loop import (
+    DivergedError,
+    TensorData,
+    evaluate,
+    fit,
+    predict,
+    train_step,
+)
+from trainer.metrics import classification_loss
+from trainer.models import build_model
+
+
+def train_spec(**overrides: Any) -> SimpleNamespace:
+    """Every attribute of jobs.spec.TrainSpec, small and fast by default."""
+    spec = dict(epochs=4, batch_size=32, optimizer="adamw", lr=1e-2, momentum=0.9,
+                weight_decay=0.0, lr_schedule="none", step_size=10, gamma=0.1, grad_clip=None,
+                early_stopping=None, seed=0, device="cpu", threads=1)
+    spec.update(overrides)
+    return SimpleNamespace(**spec)
+
+
+def model_spec(hidden: list[int] | None = None, dropout: float = 0.1) -> SimpleNamespace:
+    return SimpleNamespace(kind="mlp", hidden=[16] if hidden is None else hidden,
+                           activation="relu", dropout=dropout)
+
+
+def make_data(task: str = "classification", n: int = 300, d: int = 6, seed: int = 0,
+              label_noise: float = 0.0) -> TensorData:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    signal = x @ rng.normal(size=d)
+    a, b = int(n * 0.6), int(n * 0.8)
+    if task == "regression":  # original units: thousands; the network sees z-scores
+        y = 5000 + 1000 * signal + 100 * rng.normal(size=n)
+        mean, scale = float(y[:a].mean()), float(y[:a].std())
+        z = (y - mean) / scale
+        return TensorData.from_numpy(x[:a], z[:a], x[a:b], z[a:b], x[b:], z[b:], task,
+                                     y_mean=mean, y_scale=scale)
+    y = (signal > 0).astype(np.int64)
+    flip = rng.random(n) < label_noise
+    y[flip] = 1 - y[flip]
+    return TensorData.from_numpy(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:], task)
+
+
+def run(data: TensorData, spec: SimpleNamespace, mspec: SimpleNamespace | None = None,
+        **kwargs: Any) -> Any:
+    net = build_model(mspec or model_spec(), data.input_shape, data.n_outputs, seed=spec.seed)
+    return fit(net, data, spec, **kwargs)
+
+
+def no_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                b.state_dict().values(), strict=True))
+
+
+def test_tensor_data_dtypes_and_shapes() -> None:
+    data = make_data()
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    assert data.n_classes == 2 and data.n_outputs == 2 and data.input_shape == (6,)
+    reg = make_data("regression")
+    assert reg.y_train.dtype == torch.float32 and reg.n_classes == 0 and reg.n_outputs == 1
+    assert reg.to("cpu").y_scale == reg.y_scale
+
+
+@pytest.mark.parametrize(("task", "key"), [("classification", "val_accuracy"),
+                                           ("regression", "val_rmse")])
+def test_callback_once_per_epoch_with_fixed_names(task: str, key: str) -> None:
+    calls: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    result = run(make_data(task), train_spec(epochs=4), on_epoch=lambda m, c: calls.append((m, c)),
+                 checkpoint_every=2)
+    assert [m["epoch"] for m, _ in calls] == [1, 2, 3, 4]
+    for metrics, _ in calls:
+        assert set(metrics) == {"epoch", "train_loss", "val_loss", key, "lr", "epoch_time_s"}
+        assert all(math.isfinite(v) for v in metrics.values())
+    assert [c is not None for _, c in calls] == [False, True, False, True]
+    assert no_time(result.history) == no_time([m for m, _ in calls])
+    assert result.epochs_run == 4 and not result.stopped_early
+
+
+def test_early_stopping_stops_and_restores_best_weights() -> None:
+    data = make_data(n=120, label_noise=0.3)
+    spec = train_spec(epochs=300, lr=3e-2, batch_size=16,
+                      early_stopping=SimpleNamespace(patience=3, min_delta=0.0))
+    result = run(data, spec, model_spec([128, 128], dropout=0.0))
+    assert result.stopped_early
+    assert result.epochs_run == result.best_epoch + 3 < 300
+    losses = [h["val_loss"] for h in result.history]
+    assert result.best_val_loss == min(losses) == losses[result.best_epoch - 1]
+    now = evaluate(result.model, data.x_val, data.y_val, data, prefix="val_")
+    assert now["val_loss"] == result.best_val_loss
+
+
+def test_best_weights_restored_without_early_stopping() -> None:
+    data = make_data(n=120, label_noise=0.3)
+    result = run(data, train_spec(epochs=25, lr=3e-2, batch_size=16),
+                 model_spec([128, 128], dropout=0.0))
+    assert result.epochs_run == 25 and not result.stopped_early
+    assert result.best_epoch < 25  # it overfits, so the last epoch is not the best
+    now = evaluate(result.model, data.x_val, data.y_val, data, prefix="val_")["val_loss"]
+    assert now == result.best_val_loss == min(h["val_loss"] for h in result.history)
+
+
+def test_nan_loss_raises_diverged_error_naming_train_lr() -> None:
+    data = make_data()
+    data.x_train[5, 0] = float("nan")
+    with pytest.raises(DivergedError) as err:
+        run(data, train_spec(lr=1e-3))
+    assert str(err.value) == ("train.lr: loss became nan at epoch 1 (lr=0.001); "
+                              "lower train.lr or set train.grad_clip")
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_huge_lr_diverges() -> None:
+    with pytest.raises(DivergedError, match=r"^train\.lr: loss became (nan|inf) at epoch \d+ "
+                                            r"\(lr=5\); lower train\.lr or set train\.grad_clip$"):
+        run(make_data("regression"), train_spec(optimizer="sgd", lr=5.0, epochs=20))
+
+
+def test_same_seed_same_history_to_the_last_digit() -> None:
+    data = make_data()
+    spec = train_spec(epochs=5, lr_schedule="cosine")
+    a, b = run(data, spec), run(data, spec)
+    assert no_time(a.history) == no_time(b.history)
+    assert same_weights(a.model, b.model)
+    c = run(data, train_spec(epochs=5, lr_schedule="cosine", seed=1))
+    assert no_time(c.history) != no_time(a.history)
+
+
+def test_resume_after_interruption_is_exact(tmp_path: Path) -> None:
+    data = make_data()
+    spec = train_spec(epochs=6, lr_schedule="cosine",
+                      early_stopping=SimpleNamespace(patience=50, min_delta=0.0))
+    full = run(data, spec)
+
+    class Stop(Exception):
+        pass
+
+    def save_then_die(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
+        if metrics["epoch"] == 3:
+            assert ckpt is not None
+            save_checkpoint(ckpt, tmp_path / "ckpt.pt")
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(data, spec, on_epoch=save_then_die)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    resumed = run(data, spec, checkpoint=ckpt)
+    assert no_time(resumed.history) == no_time(full.history)
+    assert same_weights(resumed.model, full.model)
+    assert resumed.best_epoch == full.best_epoch and resumed.epochs_run == 6
+
+
+def test_three_epochs_plus_three_equals_six() -> None:
+    data = make_data()
+    six = train_spec(epochs=6, lr_schedule="step", step_size=2, gamma=0.5)
+    three = train_spec(epochs=3, lr_schedule="step", step_size=2, gamma=0.5)
+    full = run(data, six)
+    ckpts: list[dict[str, Any] | None] = []
+    run(data, three, on_epoch=lambda m, c: ckpts.append(c))
+    resumed = run(data, six, checkpoint=ckpts[-1])
+    assert no_time(resumed.history) == no_time(full.history)
+    assert same_weights(resumed.model, full.model)
+
+
+@pytest.mark.parametrize("schedule", ["none", "cosine", "step"])
+def test_lr_schedules(schedule: str) -> None:
+    spec = train_spec(epochs=6, lr=0.1, lr_schedule=schedule, step_size=2, gamma=0.5)
+    lrs = [h["lr"] for h in run(make_data(n=100), spec).history]
+    if schedule == "none":
+        expected = [0.1] * 6
+    elif schedule == "cosine":
+        expected = [0.05 * (1 + math.cos(math.pi * e / 6)) for e in range(6)]
+    else:
+        expected = [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_grad_clip_bounds_the_gradient_norm() -> None:
+    data = make_data()
+    net = build_model(model_spec(), data.input_shape, 2, seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the step leaves weights alone
+
+    def grad_norm(clip: float | None) -> float:
+        loss = train_step(net, data.x_train, data.y_train * 0 + 1, classification_loss, opt,
+                          grad_clip=clip)
+        assert loss.ndim == 0 and not loss.requires_grad
+        grads = [p.grad.flatten() for p in net.parameters() if p.grad is not None]
+        return float(torch.cat(grads).norm())
+
+    assert grad_norm(None) > 1e-2
+    assert grad_norm(1e-2) == pytest.approx(1e-2, rel=1e-4)
+
+
+def test_regression_metrics_in_original_units() -> None:
+    data = make_data("regression", n=400)
+    result = run(data, train_spec(epochs=30, lr=1e-2, batch_size=64))
+    test = evaluate(result.model, data.x_test, data.y_test, data)
+    assert set(test) == {"test_loss", "test_rmse", "test_mae", "test_r2"}
+    y_true = data.y_test.numpy().astype(np.float64) * data.y_scale + data.y_mean
+    y_pred = predict(result.model, data.x_test, data.y_mean, data.y_scale)
+    assert test["test_rmse"] == pytest.approx(np.sqrt(np.mean((y_pred - y_true) ** 2)), rel=1e-4)
+    assert test["test_mae"] == pytest.approx(mean_absolute_error(y_true, y_pred), rel=1e-4)
+    assert test["test_r2"] == pytest.approx(r2_score(y_true, y_pred), abs=1e-5)
+    assert test["test_rmse"] == pytest.approx(math.sqrt(test["test_loss"]) * data.y_scale,
+                                              rel=1e-4)
+    assert 50 < test["test_rmse"] < 500  # the noise is 100 in original units
+    best = result.history[result.best_epoch - 1]
+    val = evaluate(result.model, data.x_val, data.y_val, data, prefix="val_", extended=False)
+    assert val == {"val_loss": best["val_loss"], "val_rmse": best["val_rmse"]}
+
+
+def test_binary_classification_reports_roc_auc() -> None:
+    data = make_data(n=400)
+    result = run(data, train_spec(epochs=10))
+    test = evaluate(result.model, data.x_test, data.y_test, data)
+    assert set(test) == {"test_loss", "test_accuracy", "test_roc_auc"}
+    assert test["test_accuracy"] > 0.85 and test["test_roc_auc"] > 0.9
+
+
+def test_checkpoint_round_trips(tmp_path: Path) -> None:
+    ckpts: list[dict[str, Any] | None] = []
+    run(make_data(), train_spec(epochs=2, lr_schedule="cosine"),
+        on_epoch=lambda m, c: ckpts.append(c))
+    ckpt = ckpts[-1]
+    assert ckpt is not None
+    loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "sub" / "c.pt"))
+    assert loaded.keys() == ckpt.keys()
+    assert loaded["epoch"] == 2 and loaded["history"] == ckpt["history"]
+    assert torch.equal(loaded["rng"], ckpt["rng"]) and loaded["rng"].dtype == torch.uint8
+    for key, value in ckpt["model"].items():
+        assert torch.equal(loaded["model"][key], value)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that load_checkpoint ran no code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "evil": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"checkpoint\.evil: _Payload is not allowed"):
+        save_checkpoint({"evil": _Payload(marker)}, tmp_path / "never.pt")
+
+
+# --- DDP on CPU (gloo) -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = make_data(n=503)  # 301 training rows: odd, so the shards need trimming
+        net = build_model(model_spec(), data.input_shape, data.n_outputs, seed=0)
+        result = fit(DistributedDataParallel(net), data, train_spec(epochs=3, batch_size=32))
+        torch.save({"state": net.state_dict(), "history": no_time(result.history)},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["history"] == r1["history"]  # train_loss all-reduced, val on the full split
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    start = build_model(model_spec(), (6,), 2, seed=0).state_dict()
+    assert not torch.equal(start["0.weight"], r0["state"]["0.weight"])

@@ -1,0 +1,355 @@
+"""One training run: in-memory tensors, a seeded mini-batch loop, early stopping, resume.
+
+Read top to bottom: ``TensorData`` (the three splits as tensors) -> ``train_step`` (one
+optimiser step, a pure function of model, batch and optimiser) -> ``fit`` (epochs; reports
+each one to a callback; side effects belong to the caller) -> ``evaluate`` / ``predict``.
+
+Mini-batches are shuffled index slices of tensors that already live on the device; a
+``DataLoader`` would fetch rows one by one, 10-100x slower for tables. ``fit`` takes the
+spec's ``train`` section duck-typed and never imports Ray or MLflow.
+
+Distributed data parallel: when ``torch.distributed`` is initialised, the caller wraps the
+model in ``DistributedDataParallel`` (as Ray Train's ``prepare_model`` does) and calls
+``fit`` on every rank. Each rank trains on ``perm[rank::world]`` of the same seeded
+permutation, trimmed so every rank takes the same number of steps (else DDP hangs); the
+train loss is averaged over ranks; validation runs on the full split on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.checkpoint import copy_tensors, make_checkpoint, restore_checkpoint
+from trainer.metrics import LossFn, loss_function, task_metrics
+from trainer.models import (
+    autocast_context,
+    forward_batched,
+    param_device,
+    predict,
+    predict_proba,
+    unwrap,
+    use_bf16,
+)
+
+__all__ = ["DivergedError", "FitResult", "TensorData", "TrainConfig", "evaluate", "fit",
+           "make_optimizer", "make_scheduler", "predict", "predict_proba", "resolve_device",
+           "train_step"]
+
+OnEpoch = Callable[[dict[str, Any], dict[str, Any] | None], None]
+_SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+class DivergedError(RuntimeError):
+    """The loss became nan or inf; the one-line message names ``train.lr``."""
+
+
+@dataclass
+class TensorData:
+    """Train / val / test tensors. x float32; y int64 (classes) or float32 (standardised)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task: str
+    n_classes: int
+    """Number of classes; 0 for regression."""
+    y_mean: float = 0.0
+    y_scale: float = 1.0
+    """Regression: original target = standardised * y_scale + y_mean."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classification", "regression"):
+            raise ValueError(f"data.task: unknown task {self.task!r}; "
+                             "allowed: classification, regression")
+        if self.task == "classification" and self.n_classes < 2:
+            raise ValueError(f"data.target: classification needs >= 2 classes, "
+                             f"got {self.n_classes}")
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y) or len(x) == 0:
+                raise ValueError(f"data: the {split} split has {len(x)} rows of x and "
+                                 f"{len(y)} of y; need the same, non-zero")
+
+    @classmethod
+    def from_numpy(cls, x_train: Any, y_train: Any, x_val: Any, y_val: Any, x_test: Any,
+                   y_test: Any, task: str, n_classes: int | None = None,
+                   y_mean: float = 0.0, y_scale: float = 1.0) -> TensorData:
+        """Arrays -> tensors; ``n_classes`` defaults to ``max(y) + 1`` for classification."""
+        y_dtype = torch.int64 if task == "classification" else torch.float32
+        xs = [torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in (x_train, x_val, x_test)]
+        ys = [torch.as_tensor(np.asarray(a)).to(y_dtype).reshape(-1)
+              for a in (y_train, y_val, y_test)]
+        if task != "classification":
+            n_classes = 0
+        elif n_classes is None:
+            n_classes = int(max(int(y.max()) for y in ys)) + 1
+        return cls(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], task=task, n_classes=n_classes,
+                   y_mean=float(y_mean), y_scale=float(y_scale))
+
+    @classmethod
+    def from_prepared(cls, prepared: Any) -> TensorData:
+        """From any object with the same attributes (``trainer.pipeline.Prepared``)."""
+        arrays = {name: getattr(prepared, name) for name in _SPLITS}
+        return cls.from_numpy(**arrays, task=prepared.task, n_classes=prepared.n_classes,
+                              y_mean=prepared.y_mean, y_scale=prepared.y_scale)
+
+    def to(self, device: torch.device | str) -> TensorData:
+        return replace(self, **{name: getattr(self, name).to(device) for name in _SPLITS})
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes if self.task == "classification" else 1
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The ``train`` section of the job spec, read attribute by attribute (same defaults)."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    step_size: int = 10
+    gamma: float = 0.1
+    grad_clip: float | None = None
+    early_stopping: Any = None
+    """None, or an object with ``patience`` and ``min_delta``."""
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+
+    @classmethod
+    def from_spec(cls, train: Any) -> TrainConfig:
+        defaults = cls()
+        return cls(**{f.name: getattr(train, f.name, getattr(defaults, f.name))
+                      for f in fields(cls)})
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("optimizer", ("sgd", "adam", "adamw")),
+                             ("lr_schedule", ("none", "cosine", "step")),
+                             ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train.{key}: unknown value {getattr(self, key)!r}; "
+                                 f"allowed: {', '.join(allowed)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"train.epochs and train.batch_size must be >= 1, "
+                             f"got {self.epochs} and {self.batch_size}")
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    model: nn.Module
+    """The model passed in, with the best epoch's weights loaded."""
+
+
+@dataclass
+class _State:
+    """Everything besides model/optimiser/scheduler/RNG that a resumed run needs."""
+
+    epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn: LossFn,
+               optimizer: torch.optim.Optimizer, grad_clip: float | None = None,
+               autocast: bool = False) -> torch.Tensor:
+    """One optimiser step on one batch; returns the batch's mean loss, detached.
+
+    The loss stays a tensor so the loop does not wait for the device once per batch;
+    call ``float()`` on it when a number is needed.
+    """
+    with autocast_context(xb.device, autocast):
+        loss = loss_fn(model(xb), yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def fit(model: nn.Module, data: TensorData, train: Any, on_epoch: OnEpoch | None = None,
+        checkpoint: dict[str, Any] | None = None, checkpoint_every: int = 1) -> FitResult:
+    """Train ``model`` on ``data.*_train``, validating on ``data.*_val`` after each epoch.
+
+    ``on_epoch(metrics, ckpt)`` is called once per epoch with ``metrics`` = epoch (1-based),
+    train_loss, val_loss, val_accuracy | val_rmse, lr, epoch_time_s, and ``ckpt`` a plain
+    dict (see ``checkpoint.save_checkpoint``) every ``checkpoint_every`` epochs (0 = never),
+    else None. Pass such a dict as ``checkpoint`` to resume exactly where it was taken.
+    Early stopping watches val_loss; the best epoch's weights are restored at the end.
+    """
+    cfg = TrainConfig.from_spec(train)
+    if torch.get_num_threads() != cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = _rank_world(model)
+    wrapped = isinstance(model, DistributedDataParallel)
+    device = param_device(model) if wrapped else resolve_device(cfg.device)
+    model.to(device)
+    data = data.to(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # dropout draws from a seeded, private RNG
+        torch.manual_seed(cfg.seed + rank)
+        return _fit(model, data, cfg, on_epoch, checkpoint, checkpoint_every, rank, world)
+
+
+def _fit(model: nn.Module, data: TensorData, cfg: TrainConfig, on_epoch: OnEpoch | None,
+         checkpoint: dict[str, Any] | None, checkpoint_every: int, rank: int,
+         world: int) -> FitResult:
+    net, device = unwrap(model), data.x_train.device
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_scheduler(opt, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the shuffle order, the same on every rank
+    state = _State()
+    if checkpoint is not None:
+        state = _State(**restore_checkpoint(checkpoint, net, opt, sched, gen))
+    loss_fn, autocast = loss_function(data.task), use_bf16(device)
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
+        order = _shard(torch.randperm(len(data.x_train), generator=gen), rank, world)
+        train_loss = _train_epoch(model, data, order.to(device), cfg, opt, loss_fn, autocast)
+        state.epoch += 1
+        _check_finite(train_loss, state.epoch, lr)
+        val = evaluate(net, data.x_val, data.y_val, data, prefix="val_", extended=False)
+        _check_finite(val["val_loss"], state.epoch, lr)
+        if sched is not None:
+            sched.step()
+        _update_best(state, val["val_loss"], net, cfg.early_stopping)
+        metrics = {"epoch": state.epoch, "train_loss": train_loss, **val, "lr": lr,
+                   "epoch_time_s": time.perf_counter() - t0}
+        state.history.append(metrics)
+        if on_epoch is not None:
+            due = checkpoint_every > 0 and state.epoch % checkpoint_every == 0
+            ckpt = make_checkpoint(net, opt, sched, gen, vars(state)) if due else None
+            on_epoch(dict(metrics), ckpt)
+    net.load_state_dict(state.best_state)
+    return FitResult(history=state.history, best_epoch=state.best_epoch,
+                     best_val_loss=state.best_val_loss, epochs_run=state.epoch,
+                     stopped_early=state.stopped_early, model=model)
+
+
+def _train_epoch(model: nn.Module, data: TensorData, order: torch.Tensor, cfg: TrainConfig,
+                 opt: torch.optim.Optimizer, loss_fn: LossFn, autocast: bool) -> float:
+    """One pass over ``order``; the mean loss weighted by batch size (over all ranks)."""
+    model.train()
+    x, y, bs = data.x_train, data.y_train, cfg.batch_size
+    total = torch.zeros((), device=x.device)
+    for start in range(0, len(order), bs):
+        idx = order[start:start + bs]
+        total += train_step(model, x[idx], y[idx], loss_fn, opt, cfg.grad_clip, autocast) * len(idx)
+    sums = torch.stack([total, torch.tensor(float(len(order)), device=x.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def _shard(perm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's slice of the permutation; equal lengths on all ranks (remainder dropped)."""
+    if world == 1:
+        return perm
+    usable = len(perm) - len(perm) % world
+    if usable == 0:
+        raise ValueError(f"data: {len(perm)} training rows cannot be shared by {world} workers")
+    return perm[:usable][rank::world]
+
+
+def _check_finite(loss: float, epoch: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(f"train.lr: loss became {loss} at epoch {epoch} (lr={lr:g}); "
+                            "lower train.lr or set train.grad_clip")
+
+
+def _update_best(state: _State, val_loss: float, net: nn.Module, early_stopping: Any) -> None:
+    """Keras semantics: an improvement beats the best so far by more than ``min_delta``."""
+    min_delta = float(getattr(early_stopping, "min_delta", 0.0) or 0.0)
+    if val_loss < state.best_val_loss - min_delta:
+        state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+        state.best_state = copy_tensors(net.state_dict())
+    else:
+        state.bad_epochs += 1
+    if early_stopping is not None and state.bad_epochs >= early_stopping.patience:
+        state.stopped_early = True
+
+
+def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    """Stepped once per epoch; None for ``lr_schedule: none``."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+def evaluate(model: nn.Module, x: Any, y: Any, data: TensorData | str,
+             prefix: str = "test_", *, y_mean: float = 0.0, y_scale: float = 1.0,
+             extended: bool = True) -> dict[str, float]:
+    """Loss and metrics of ``model`` on (x, y), keys prefixed (``test_loss`` ...).
+
+    ``data`` is the ``TensorData`` (for its task, y_mean, y_scale) or the task name.
+    Classification: loss, accuracy (+ roc_auc for two classes); regression: loss
+    (standardised MSE), rmse, mae, r2 in original units. ``extended=False``: the first two.
+    """
+    if isinstance(data, TensorData):
+        task, y_mean, y_scale = data.task, data.y_mean, data.y_scale
+    else:
+        task = data
+    out = forward_batched(model, x)
+    return task_metrics(out, torch.as_tensor(y).to(out.device), task, y_mean, y_scale,
+                        prefix, extended)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda, but torch.cuda.is_available() is False here; "
+                         "use auto or cpu")
+    return torch.device(name)
+
+
+def _rank_world(model: nn.Module) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1
+    if not isinstance(model, DistributedDataParallel):
+        raise ValueError(f"fit: torch.distributed runs {dist.get_world_size()} processes but the "
+                         "model is not wrapped in DistributedDataParallel; wrap it first")
+    return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,188 @@
+"""The Tune callback that mirrors a sweep in MLflow: one child run per trial, nested.
+
+It runs in the driver (trials never talk to MLflow, so they may run on machines that cannot
+reach the server), hands every write to ``RunLogger``'s background thread, and gives each
+child run a final status that says what happened:
+
+* ``finished``: ran all its epochs; ``early_stopped``: the trainer's patience ran out;
+* ``stopped_by_scheduler``: ASHA / HyperBand / median rule stopped it (tags: the epoch and
+  the metric at the stop);
+* ``diverged`` / ``failed``: the run is FAILED, with the reason as a tag.
+
+A resumed sweep re-attaches: the child runs of the parent are looked up by trial id, so no
+trial gets a second run. Steps already logged are not logged again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from tuning.space import decode_config
+from tuning.tracking import RunLogger, mask_secrets
+
+TRIAL_TAG = "rungwise.trial_id"
+STATUS_TAG = "rungwise.status"
+METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_rmse", "lr", "epoch_time_s")
+
+
+_LIVE: dict[str, SweepTracker] = {}
+
+
+class MlflowSweepCallback(Callback):
+    """Tune pickles its run config (callbacks included) for restore: this proxy pickles as a
+    key only, and finds the live tracker of the same sweep again after ``Tuner.restore``."""
+
+    def __init__(self, tracker: SweepTracker) -> None:
+        self.key = tracker.parent
+        _LIVE[self.key] = tracker
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.key = state["key"]
+
+    @property
+    def tracker(self) -> SweepTracker | None:
+        return _LIVE.get(self.key)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.tracker:
+            self.tracker.on_trial_start(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        if self.tracker:
+            self.tracker.on_trial_result(trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        if self.tracker:
+            self.tracker.on_trial_complete(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.tracker:
+            self.tracker.on_trial_error(trial)
+
+
+class SweepTracker:
+    def __init__(self, logger: RunLogger, experiment_id: str, parent_run_id: str,
+                 metric: str, max_epochs: int, early_stopping: Any = None) -> None:
+        self.logger, self.exp, self.parent = logger, experiment_id, parent_run_id
+        self.metric, self.max_epochs = metric, max_epochs
+        self.early_stopping = early_stopping
+        self.runs: dict[str, str] = {}
+        self.logged_step: dict[str, int] = {}
+        self.outcomes: dict[str, dict[str, Any]] = {}
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+        self._reattach()
+
+    def _reattach(self) -> None:
+        cl = self.logger.client
+        runs = cl.search_runs([self.exp], f"tags.mlflow.parentRunId = '{self.parent}'",
+                              max_results=5000)
+        for run in runs:
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id:
+                self.runs[trial_id] = run.info.run_id
+                history = cl.get_metric_history(run.info.run_id, "val_loss")
+                self.logged_step[trial_id] = max((m.step for m in history), default=0)
+                self.curves[trial_id] = [(m.step, m.value) for m in history]
+
+    # --- Tune events (through MlflowSweepCallback) -------------------------------------
+    def on_trial_start(self, trial: Any) -> None:
+        tid = trial.trial_id
+        if tid in self.runs:
+            run_id = self.runs[tid]
+            self.logger.submit(lambda c: c.update_run(run_id, status="RUNNING"))
+            return
+        run = self.logger.client.create_run(
+            self.exp, run_name=f"trial-{tid}",
+            tags={"mlflow.parentRunId": self.parent, TRIAL_TAG: tid, STATUS_TAG: "running"})
+        run_id = self.runs[tid] = run.info.run_id
+        params = mask_secrets({k: str(v) for k, v in decode_config(trial.config).items()})
+        from tuning.tracking import params_of
+
+        self.logger.submit(lambda c: c.log_batch(run_id, params=params_of(params)))
+
+    def on_trial_result(self, trial: Any, result: dict[str, Any]) -> None:
+        tid, epoch = trial.trial_id, int(result.get("epoch", 0) or 0)
+        run_id = self.runs.get(tid)
+        if run_id is None or epoch <= self.logged_step.get(tid, 0):
+            return
+        self.logged_step[tid] = epoch
+        values = {k: result[k] for k in METRIC_KEYS if k in result}
+        self.logger.metrics(run_id, values, epoch)
+        if "val_loss" in result:
+            self.curves.setdefault(tid, []).append((epoch, float(result["val_loss"])))
+
+    def on_trial_complete(self, trial: Any) -> None:
+        last = trial.last_result or {}
+        epoch = int(last.get("epoch", 0) or 0)
+        if last.get("diverged"):
+            self._end(trial, "FAILED", "diverged", {"rungwise.error": str(last.get("error"))})
+        elif epoch < self.max_epochs and not self._patience_ran_out(trial.trial_id):
+            value = last.get(self.metric)
+            self._end(trial, "FINISHED", "stopped_by_scheduler",
+                      {"rungwise.stopped_at_epoch": str(epoch),
+                       "rungwise.stopped_metric": f"{self.metric}={value}"})
+        elif epoch < self.max_epochs:
+            self._end(trial, "FINISHED", "early_stopped", {"rungwise.epochs": str(epoch)})
+        else:
+            self._end(trial, "FINISHED", "finished", {"rungwise.epochs": str(epoch)})
+
+    def _patience_ran_out(self, tid: str) -> bool:
+        """Replays the trainer's early-stopping rule on the trial's val_loss curve: a trial
+        that ended early without it was stopped by the scheduler (Tune marks both done)."""
+        es = self.early_stopping
+        if es is None:
+            return False
+        best, bad = float("inf"), 0
+        for _, value in sorted(self.curves.get(tid, [])):
+            if value < best - float(es.min_delta):
+                best, bad = value, 0
+            else:
+                bad += 1
+        return bad >= int(es.patience)
+
+    def on_trial_error(self, trial: Any) -> None:
+        error = _error_text(trial)
+        self._end(trial, "FAILED", "failed", {"rungwise.error": error})
+
+    def _end(self, trial: Any, status: str, outcome: str, tags: dict[str, str]) -> None:
+        tid = trial.trial_id
+        run_id = self.runs.get(tid)
+        self.outcomes[tid] = {"status": outcome, **tags}
+        if run_id is None:
+            return
+        all_tags = {STATUS_TAG: outcome, **tags}
+        end = int(time.time() * 1000)
+
+        def write(c: Any) -> None:
+            for key, value in all_tags.items():
+                c.set_tag(run_id, key, value[:5000])
+            c.set_terminated(run_id, status, end_time=end)
+
+        self.logger.submit(write)
+
+    def end_all(self, status: str = "KILLED") -> None:
+        """Mark every child still open (the sweep ended before them) with ``status``."""
+        for tid, run_id in self.runs.items():
+            if tid not in self.outcomes:
+                self.logger.submit(lambda c, r=run_id: (
+                    c.set_tag(r, STATUS_TAG, status.lower()), c.set_terminated(r, status)))
+
+
+def _error_text(trial: Any) -> str:
+    try:
+        path = trial.error_file or ""
+        if path:
+            with open(path) as fh:
+                lines = [ln.strip() for ln in fh.read().strip().splitlines() if ln.strip()]
+            return lines[-1][:1000] if lines else "unknown error"
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", None) or "unknown error")[:1000]

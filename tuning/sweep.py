@@ -1,0 +1,240 @@
+"""`rungwise tune`: one sweep = one MLflow parent run whose children are exactly its trials.
+
+driver: validate space -> check MLflow -> read + split once -> prepare once per imputation
+choice -> object store -> Ray Tune (searcher + scheduler) -> best trial evaluated on the
+test split -> pyfunc model on the parent run -> registry (challenger, champion if none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from trainer.pipeline import Prepared, RawData, prepare, split_data
+from tuning import registry
+from tuning.callback import MlflowSweepCallback, SweepTracker
+from tuning.errors import RungwiseError
+from tuning.parent import ParentRun
+from tuning.progress import ProgressCallback
+from tuning.results import best_trial, evaluate_best
+from tuning.space import impute_variants, validate_space, variant_key
+from tuning.strategies import Strategy, build_strategy
+from tuning.trainable import Shared, run_ddp_trial, run_trial
+from tuning.tracking import RunLogger, check_reachable, resolve_tracking_uri
+
+STATE_FILE = "rungwise-sweep.json"
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str | None
+    strategy: str
+    reason: str
+    best_overrides: dict[str, Any]
+    best_value: float
+    test_metrics: dict[str, float]
+    model_uri: str | None = None
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    experiment_path: str = ""
+    interrupted: bool = False
+    tracking_uri: str | None = None
+
+
+def storage_root() -> Path:
+    return Path(os.environ.get("RUNGWISE_STORAGE", "rungwise-runs")).resolve()
+
+
+def _state_path(spec: Any) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
+    return storage_root() / safe / STATE_FILE
+
+
+def init_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True)
+
+
+def share_data(spec: Any, raw: RawData) -> tuple[dict[str, Any], dict[str, Prepared]]:
+    """Prepare once per distinct imputation choice; hand trials object refs."""
+    variants = impute_variants(spec) or []
+    local = {variant_key(v): prepare(raw, spec.with_overrides(v).impute) for v in variants}
+    return {k: ray.put(p) for k, p in local.items()}, local
+
+
+def _trainable(spec: Any, shared: Shared) -> Any:
+    res = spec.resources
+    gpus = _gpus(res.gpus_per_worker)
+    if res.workers_per_trial > 1:
+        shared.spec = shared.spec.with_overrides({"resources.gpus_per_worker": gpus})
+        return tune.with_resources(tune.with_parameters(run_ddp_trial, shared=shared),
+                                   {"CPU": 0.01})
+    return tune.with_resources(tune.with_parameters(run_trial, shared=shared),
+                               {"CPU": res.cpus_per_worker, "GPU": gpus})
+
+
+def _gpus(value: str | float) -> float:
+    if value != "auto":
+        return float(value)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: Path, callbacks: list[Any],
+           resume: bool) -> tune.Tuner:
+    if resume:
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=strategy.param_space)
+        internal = getattr(tuner, "_local_tuner", None)  # the live callbacks, not pickled ones
+        if internal is not None and hasattr(internal, "_run_config"):
+            internal._run_config.callbacks = callbacks
+        return tuner
+    t = spec.tune
+    return tune.Tuner(
+        trainable, param_space=strategy.param_space,
+        tune_config=tune.TuneConfig(
+            metric=t.metric, mode=t.mode, search_alg=strategy.search_alg,
+            scheduler=strategy.scheduler, num_samples=strategy.num_samples,
+            max_concurrent_trials=t.max_concurrent, time_budget_s=t.time_budget_s,
+            reuse_actors=spec.resources.workers_per_trial == 1),
+        run_config=tune.RunConfig(
+            name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=t.max_failures)))
+
+
+def _paths(spec: Any, resume: bool) -> tuple[Path, dict[str, Any]]:
+    state_file = _state_path(spec)
+    if resume:
+        if not state_file.is_file():
+            raise RungwiseError(f"--resume: no earlier sweep of {spec.name!r} under "
+                                f"{storage_root()}; run `rungwise tune` without --resume")
+        state = json.loads(state_file.read_text())
+        path = Path(state["experiment_path"])
+        if not tune.Tuner.can_restore(str(path)):
+            raise RungwiseError(f"--resume: {path} holds no restorable sweep")
+        return path, state
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return state_file.parent / f"sweep-{stamp}", {}
+
+
+def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
+              register: bool = True, tracking: bool = True, quiet: bool = False,
+              run_tags: dict[str, str] | None = None) -> SweepResult:
+    validate_space(spec)
+    strategy = build_strategy(spec)
+    uri = resolve_tracking_uri(spec.tracking.uri) if tracking else None
+    if uri:
+        check_reachable(uri)
+    path, state = _paths(spec, resume)
+    raw = split_data(spec.data)
+    init_ray(address)
+    refs, local = share_data(spec, raw)
+    shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
+                    checkpoint_every=strategy.checkpoint_every, storage_path=str(path.parent))
+    parent = ParentRun.open(uri, spec, strategy, raw, state.get("parent_run_id"), run_tags) \
+        if uri else None
+    _save_state(spec, path, parent, uri)
+    logger = RunLogger(uri) if uri else None
+    tracker = SweepTracker(logger, parent.experiment_id, parent.run_id, spec.tune.metric,
+                           spec.train.epochs, spec.train.early_stopping) \
+        if logger and parent else None
+    progress = ProgressCallback(spec, strategy, quiet=quiet)
+    callbacks: list[Any] = [progress, PgJanitor()] + (
+        [MlflowSweepCallback(tracker)] if tracker else [])
+    try:
+        tuner = _tuner(spec, strategy, _trainable(spec, shared), path, callbacks, resume)
+        grid = tuner.fit()
+        if progress.interrupted():
+            raise KeyboardInterrupt
+        result = _finish(spec, strategy, grid, progress, raw, local, parent, tracker, uri,
+                         register)
+        result.experiment_path = str(path)
+        return result
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.end_all("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if parent is not None:
+            parent.end(exc)
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _save_state(spec: Any, path: Path, parent: ParentRun | None, uri: str | None) -> None:
+    state_file = _state_path(spec)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({
+        "experiment_path": str(path), "parent_run_id": parent.run_id if parent else None,
+        "tracking_uri": uri, "spec": spec.name}, indent=2))
+
+
+def _finish(spec: Any, strategy: Strategy, grid: Any, progress: ProgressCallback, raw: RawData,
+            local: dict[str, Prepared], parent: ParentRun | None,
+            tracker: SweepTracker | None, uri: str | None, register: bool) -> SweepResult:
+    interrupted = progress.interrupted()
+    best = best_trial(grid, spec.tune.metric, spec.tune.mode)
+    evaluated = evaluate_best(spec, best, raw, local)
+    out = SweepResult(parent_run_id=parent.run_id if parent else None, strategy=strategy.name,
+                      reason=strategy.reason, best_overrides=evaluated.overrides,
+                      best_value=evaluated.value, test_metrics=evaluated.test_metrics,
+                      trials=[], interrupted=interrupted, tracking_uri=uri)
+    if tracker is not None:
+        tracker.logger.flush()
+    if parent is not None and tracker is not None:
+        out.trials = parent.summarise(grid, tracker, evaluated)
+        out.model_uri = registry.log_bundle(parent.run_id, evaluated.bundle,
+                                            evaluated.example, parent.uri)
+        if register and spec.tracking.register_as:
+            out.version, out.aliases = registry.register(parent.uri, out.model_uri,
+                                                         spec.tracking.register_as,
+                                                         parent.run_id)
+            parent.client.set_tag(parent.run_id, "rungwise.registered_version",
+                                  f"{spec.tracking.register_as}/{out.version}")
+        parent.end(None)
+    return out
+
+
+class PgJanitor(tune.Callback):
+    """Workaround for ray#54305: when a scheduler stops a multi-worker trial, Ray 2.60 can
+    leave its workers' placement group reserved until the driver exits, and later trials
+    starve. Workers report their group's id; when the trial ends, the driver removes it."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, str] = {}
+        self.removed: list[str] = []
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        if result.get("pg_id"):
+            self.groups[trial.trial_id] = str(result["pg_id"])
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        self._remove(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._remove(trial.trial_id)
+
+    def _remove(self, trial_id: str) -> None:
+        pg_hex = self.groups.pop(trial_id, None)
+        if pg_hex is None:
+            return
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+            self.removed.append(pg_hex)
+        except Exception:  # already removed by Ray Train: nothing leaked
+            pass

@@ -1,0 +1,203 @@
+"""Everything rungwise says to MLflow lives here (and in ``tuning/registry.py``).
+
+* The tracking URI is resolved once in the driver and made absolute: trials run in their own
+  working directories, and MLflow's default ``sqlite:///mlflow.db`` is relative.
+* ``RunLogger`` sends metrics from a background thread in batches (at most 1,000 per
+  ``log_batch``), so a slow server never slows training; calls are retried, and what could
+  not be sent is counted and written to the run as a tag.
+* Secrets never reach MLflow: values under keys that look like secrets, and passwords inside
+  URIs, are masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tuning.errors import TrackingError
+
+log = logging.getLogger("rungwise.tracking")
+MAX_BATCH = 1000
+MAX_PARAMS = 100
+SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|private[_-]?key|credential)",
+                        re.IGNORECASE)
+MASK = "***"
+
+
+def resolve_tracking_uri(spec_uri: str | None) -> str:
+    """Spec > ``MLFLOW_TRACKING_URI`` > MLflow's default, with local paths made absolute."""
+    import mlflow
+
+    uri = spec_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///"):]
+        return "sqlite:///" + str(Path(path).resolve())
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"tracking.uri: {uri!r} is MLflow's file store, which MLflow 3 "
+                            "refuses; use sqlite:///PATH.db or an http(s):// server")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any trial runs when an MLflow server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+            if resp.status == 200:
+                return
+            raise TrackingError(f"tracking.uri: {mask_uri(uri)} answered {resp.status} on "
+                                "/health")
+    except OSError as exc:
+        raise TrackingError(f"tracking.uri: MLflow server {mask_uri(uri)} is not reachable "
+                            f"({getattr(exc, 'reason', exc)}); start it or fix the URI") from None
+
+
+def mask_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def mask_secrets(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if SECRET_KEY.search(key.split(".")[-1]):
+            out[key] = MASK
+        elif isinstance(value, str) and "://" in value:
+            out[key] = mask_uri(value)
+        else:
+            out[key] = value
+    return out
+
+
+def client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(cl: Any, name: str) -> str:
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            cl.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    try:
+        return str(cl.create_experiment(name))
+    except Exception:  # created by a concurrent process in the meantime
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def params_of(flat: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in mask_secrets(flat).items()]
+
+
+def log_params(cl: Any, run_id: str, flat: dict[str, Any]) -> None:
+    params = params_of(flat)
+    for i in range(0, len(params), MAX_PARAMS):
+        cl.log_batch(run_id, params=params[i:i + MAX_PARAMS], synchronous=True)
+
+
+def metrics_of(values: dict[str, Any], step: int, ts: int | None = None) -> list[Any]:
+    from mlflow.entities import Metric
+
+    ts = ts or int(time.time() * 1000)
+    return [Metric(k, float(v), ts, step) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+class RunLogger:
+    """Ordered, batched, retried MLflow writes from one background thread.
+
+    ``submit(fn)`` queues any client call; ``metrics(run_id, values, step)`` buffers metrics
+    that go out in ``log_batch`` calls of at most 1,000. ``close()`` flushes and waits.
+    """
+
+    def __init__(self, uri: str, retries: int = 5, backoff_s: float = 1.0) -> None:
+        self.client = client(uri)
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._retries, self._backoff = retries, backoff_s
+        self.lost: dict[str, int] = {}
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._work, name="rungwise-mlflow", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[Any], Any]) -> None:
+        self._queue.put(("call", fn))
+
+    def metrics(self, run_id: str, values: dict[str, Any], step: int) -> None:
+        self._queue.put(("metrics", (run_id, metrics_of(values, step))))
+
+    def flush(self, timeout: float = 120.0) -> None:
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        done.wait(timeout)
+
+    def close(self, timeout: float = 120.0) -> None:
+        self.flush(timeout)
+        self._queue.put(("stop", None))
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        pending: dict[str, list[Any]] = {}
+        while True:
+            try:
+                kind, item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                self._send_metrics(pending)
+                continue
+            if kind == "metrics":
+                run_id, ms = item
+                pending.setdefault(run_id, []).extend(ms)
+                if sum(len(v) for v in pending.values()) >= MAX_BATCH:
+                    self._send_metrics(pending)
+                continue
+            self._send_metrics(pending)  # keep the order: metrics before later calls
+            if kind == "call":
+                self._retry(lambda: item(self.client), what="call")
+            elif kind == "flush":
+                item.set()
+            elif kind == "stop":
+                return
+
+    def _send_metrics(self, pending: dict[str, list[Any]]) -> None:
+        for run_id, ms in list(pending.items()):
+            for i in range(0, len(ms), MAX_BATCH):
+                chunk = ms[i:i + MAX_BATCH]
+                ok = self._retry(lambda c=chunk, r=run_id: self.client.log_batch(
+                    r, metrics=c, synchronous=True), what="metrics")
+                if not ok:
+                    self.lost[run_id] = self.lost.get(run_id, 0) + len(chunk)
+        pending.clear()
+
+    def _retry(self, fn: Callable[[], Any], what: str) -> bool:
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            try:
+                fn()
+                return True
+            except Exception as exc:  # network, server restarts: retry, then count the loss
+                if attempt == self._retries:
+                    self.errors.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+                    log.warning("MLflow %s failed after %d tries: %s", what, attempt + 1, exc)
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+        return False

@@ -1,0 +1,193 @@
+"""What one Ray Tune trial runs: a single process, or a Ray Train DDP group of workers.
+
+The data was prepared once in the driver and arrives through Ray's object store (one
+object per distinct imputation choice); a trial only builds its model and trains it.
+Checkpoints are written when the validation loss improves (the best weights are then in the
+latest checkpoint), when a pausing scheduler needs them, and on the last epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.loop import DivergedError, fit
+from trainer.pipeline import Prepared, prepare
+from trainer.run import new_model, tensors_of
+from tuning.space import decode_config, variant_key
+
+CKPT_FILE = "checkpoint.pt"
+WORST = {"min": 1e9, "max": -1e9}
+FAULT_ENV = "RUNGWISE_TEST_FAULT"
+"""Test-only hook: ``crash:<rate>:<epoch>`` or ``diverge`` (see tests/reliability)."""
+
+
+@dataclass
+class Shared:
+    """What the driver hands every trial (small: the spec and object refs)."""
+
+    spec: Any
+    prepared: dict[str, Any]
+    """variant key -> ObjectRef of a Prepared."""
+    raw: Any
+    """ObjectRef of the RawData, for imputation choices that cannot be enumerated."""
+    checkpoint_every: int
+    storage_path: str = ""
+    """Absolute: where Ray Train keeps the checkpoints of multi-worker trials."""
+
+
+def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    overrides = decode_config(config)
+    return shared.spec.with_overrides(overrides), overrides
+
+
+def get_prepared(shared: Shared, spec: Any, overrides: dict[str, Any]) -> Prepared:
+    ref = shared.prepared.get(variant_key(overrides))
+    if ref is not None:
+        return ray.get(ref)
+    return prepare(ray.get(shared.raw), spec.impute)
+
+
+def _should_save(metrics: dict[str, Any], best: list[float], every: int, epochs: int) -> bool:
+    improved = metrics["val_loss"] < best[0]
+    if improved:
+        best[0] = metrics["val_loss"]
+    epoch = int(metrics["epoch"])
+    return improved or epoch == epochs or (every > 0 and epoch % every == 0)
+
+
+def _restore(spec: Any) -> dict[str, Any] | None:
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = load_checkpoint(Path(d) / CKPT_FILE)
+    for group in state["optimizer"]["param_groups"]:  # PBT may have changed train.lr
+        group["lr"] = spec.train.lr
+        group["initial_lr"] = spec.train.lr
+    return state
+
+
+def run_trial(config: dict[str, Any], shared: Shared) -> None:
+    """The Tune function trainable for a single-process trial."""
+    spec, overrides = trial_spec(shared, config)
+    torch.set_num_threads(spec.train.threads)
+    prepared = get_prepared(shared, spec, overrides)
+    data = tensors_of(prepared)
+    net = new_model(spec.model, prepared, seed=spec.train.seed)
+    best = [float("inf")]
+    fault = _fault_hook(config)
+
+    def on_epoch(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
+        fault(int(metrics["epoch"]))
+        if ckpt is not None and _should_save(metrics, best, shared.checkpoint_every,
+                                             spec.train.epochs):
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(ckpt, Path(d) / CKPT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
+
+    try:
+        fit(net, data, spec.train, on_epoch=on_epoch, checkpoint=_restore(spec),
+            checkpoint_every=1)
+    except DivergedError as exc:
+        tune.report(diverged_metrics(spec, exc))
+
+
+def diverged_metrics(spec: Any, exc: Exception) -> dict[str, Any]:
+    """A diverged trial reports the worst value once, so searchers avoid its region."""
+    worst = WORST[spec.tune.mode]
+    return {"epoch": -1, spec.tune.metric: worst, "val_loss": WORST["min"],
+            "diverged": 1, "error": str(exc)[:300]}
+
+
+# --- multi-worker trials: Ray Train (V2) TorchTrainer with DDP ------------------------
+
+
+def run_ddp_trial(config: dict[str, Any], shared: Shared) -> None:
+    """A Tune trial that runs a Ray Train DDP group; epochs reach Tune's schedulers."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    spec, _ = trial_spec(shared, config)
+    res = spec.resources
+    gpus = float(res.gpus_per_worker) if res.gpus_per_worker != "auto" else 0.0
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker=ddp_worker,
+        train_loop_config={"config": config, "shared": shared},
+        scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=gpus > 0,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"ddp-{trial_id}", storage_path=shared.storage_path,
+                             callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
+
+def ddp_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP rank: the same ``fit`` as a single trial, on this rank's shard."""
+    import ray.train
+    import ray.train.torch
+    from ray.util import get_current_placement_group
+    from torch.nn.parallel import DistributedDataParallel
+
+    shared: Shared = loop_config["shared"]
+    spec, overrides = trial_spec(shared, loop_config["config"])
+    torch.set_num_threads(spec.train.threads)
+    prepared = get_prepared(shared, spec, overrides)
+    device = ray.train.torch.get_device()
+    net = new_model(spec.model, prepared, seed=spec.train.seed).to(device)
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                    else None)
+    rank = ray.train.get_context().get_world_rank()
+    pg = get_current_placement_group()
+    extra = {"pg_id": pg.id.hex()} if pg is not None else {}
+    best = [float("inf")]
+
+    def on_epoch(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
+        metrics = {**metrics, **extra}
+        if rank == 0 and ckpt is not None and _should_save(
+                metrics, best, shared.checkpoint_every, spec.train.epochs):
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(ckpt, Path(d) / CKPT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    ckpt = ray.train.get_checkpoint()
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d) / CKPT_FILE)
+    try:
+        fit(model, tensors_of(prepared), spec.train, on_epoch=on_epoch, checkpoint=state,
+            checkpoint_every=1 if rank == 0 else 0)
+    except DivergedError as exc:
+        ray.train.report({**diverged_metrics(spec, exc), **extra})
+
+
+def _fault_hook(config: dict[str, Any]) -> Any:
+    """Inject a crash in a chosen share of trials; only when the test hook env var is set."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("crash:"):
+        return lambda epoch: None
+    _, rate, at = spec.split(":")
+    marker = Path(tempfile.gettempdir()) / f"rungwise-fault-{tune.get_context().get_trial_id()}"
+    chosen = (hash(tune.get_context().get_trial_id()) % 100) < float(rate) * 100
+
+    def hook(epoch: int) -> None:
+        if chosen and epoch == int(at) and not marker.exists():
+            marker.write_text("crashed once")
+            raise RuntimeError(f"injected fault at epoch {epoch} (test hook)")
+
+    return hook
