@@ -73,11 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_commands(sub: Any) -> None:
-    try:
-        from jobs import commands
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
-    commands.add_parsers(sub, _add_spec)
+    """submit / jobs (jobs/commands.py) and retrain / schedule (jobs/retrain_cli.py)."""
+    import importlib
+
+    for name in ("jobs.commands", "jobs.retrain_cli"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_parsers(sub, _add_spec)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -118,8 +124,8 @@ def _quiet() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")

@@ -70,6 +70,27 @@ class ModelBundle:
     def predict_proba(self, rows: Any) -> np.ndarray:
         return predict_proba(self.network, self.encode(rows))
 
+    def evaluate(self, rows: pd.DataFrame, y: Any, prefix: str = "test_") -> dict[str, float]:
+        """Metrics of this model on raw rows and raw targets (a champion on new data).
+
+        Rows that the model's own ``drop_rows`` imputation cannot take are left out, as they
+        are from every evaluation split.
+        """
+        from trainer.loop import evaluate
+
+        y = pd.Series(np.asarray(y), index=rows.index)
+        if hasattr(self.preprocessor, "transform_x"):
+            x = self.preprocessor.transform_x(_image_array(rows))
+            target = self.preprocessor.transform_y(np.asarray(y))
+            return evaluate(self.network, x, target, self.task, prefix=prefix)
+        frame = _as_training_kinds(rows[self.feature_columns], self.preprocessor)
+        x, target, _ = self.preprocessor.transform(frame, y, drop_missing=True)
+        te = self.preprocessor.target_encoder_
+        mean, scale = (float(te.mean_), float(te.scale_)) if self.task == "regression" else (
+            0.0, 1.0)
+        return evaluate(self.network, x, target, self.task, prefix=prefix, y_mean=mean,
+                        y_scale=scale)
+
     def classes(self) -> list[Any]:
         if hasattr(self.preprocessor, "classes_"):
             return list(self.preprocessor.classes_)

@@ -6,10 +6,16 @@ The network's weights load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import pandas as pd
 
 from trainer.bundle import ModelBundle
+
+# MLflow suggests type hints for schema validation; the logged signature does that job.
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method",
+                        category=UserWarning)
 
 
 class RungwiseModel(mlflow.pyfunc.PythonModel):

@@ -20,7 +20,16 @@ from tuning.errors import RungwiseError
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def log_bundle(run_id: str, bundle: ModelBundle, example: pd.DataFrame | None,
+def log_bundle(*args: Any, **kwargs: Any) -> str:
+    """See ``_log_bundle``; MLflow's advice about type hints is noise for this model."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _log_bundle(*args, **kwargs)
+
+
+def _log_bundle(run_id: str, bundle: ModelBundle, example: pd.DataFrame | None,
                uri: str, name: str = "model") -> str:
     """Log the bundle as a pyfunc model (with signature and input example) to ``run_id``."""
     mlflow.set_tracking_uri(uri)

@@ -21,7 +21,7 @@ from ray.tune.schedulers import (
     PopulationBasedTraining,
     TrialScheduler,
 )
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tuning.errors import RungwiseError
@@ -37,7 +37,7 @@ class Strategy:
     reason: str
     param_space: dict[str, Any]
     num_samples: int
-    search_alg: Searcher | None
+    search_alg: Searcher | BasicVariantGenerator | None
     scheduler: TrialScheduler
     checkpoint_every: int
     """Epochs between checkpoints: 1 where the scheduler pauses or clones trials."""
@@ -58,7 +58,21 @@ def choose_auto(num_samples: int, epochs: int) -> tuple[str, str]:
                       "as well as a model would, at no cost")
 
 
-def build_strategy(spec: Any) -> Strategy:
+def _warm_points(space: dict[str, Any], warm_start: list[dict[str, Any]] | None
+                 ) -> list[dict[str, Any]]:
+    """Earlier best configurations, restricted to this space, encoded like the space."""
+    from tuning.space import _encode
+
+    points = []
+    for cfg in warm_start or []:
+        point = {k: _encode(v) for k, v in cfg.items() if k in space}
+        if len(point) == len(space) and point not in points:
+            points.append(point)
+    return points
+
+
+def build_strategy(spec: Any, warm_start: list[dict[str, Any]] | None = None) -> Strategy:
+    """Searcher + scheduler for ``spec.tune``; ``warm_start`` configs are tried first."""
     tune_spec, epochs = spec.tune, spec.train.epochs
     name, reason = tune_spec.search, f"tune.search: {tune_spec.search}"
     if name == "auto":
@@ -69,14 +83,18 @@ def build_strategy(spec: Any) -> Strategy:
         return Strategy(name, reason + f" ({grid_size(space)} combinations, each run once)",
                         params, 1, None, FIFOScheduler(), 0)
     params = build_param_space(space)
-    searcher: Searcher | None = None
+    points = _warm_points(space, warm_start)
+    searcher: Any = None
     if name in ("bayes", "bohb") or (name == "asha" and tune_spec.num_samples > 32):
         if any("grid" in d for d in space.values()):
             raise RungwiseError(f"tune.space: {name} cannot search 'grid' dimensions; "
                                 "use choice")
         searcher = ConcurrencyLimiter(
-            OptunaSearch(seed=spec.train.seed),
+            OptunaSearch(seed=spec.train.seed, points_to_evaluate=points or None),
             max_concurrent=tune_spec.max_concurrent)
+    else:
+        searcher = BasicVariantGenerator(points_to_evaluate=points or None,
+                                         random_state=spec.train.seed)
     scheduler, every = _scheduler(name, spec, params)
     return Strategy(name, reason, params, tune_spec.num_samples, searcher, scheduler, every)
 

@@ -62,6 +62,9 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Checkpoints are kept to one per trial, which makes Tune snapshot its (small) state
+    # more often; measured in benchmarks/, the warning about it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
 
@@ -130,9 +133,11 @@ def _paths(spec: Any, resume: bool) -> tuple[Path, dict[str, Any]]:
 
 def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
               register: bool = True, tracking: bool = True, quiet: bool = False,
-              run_tags: dict[str, str] | None = None) -> SweepResult:
+              run_tags: dict[str, str] | None = None,
+              warm_start: list[dict[str, Any]] | None = None) -> SweepResult:
+    """Run (or resume) the sweep of ``spec``; ``warm_start`` configs are tried first."""
     validate_space(spec)
-    strategy = build_strategy(spec)
+    strategy = build_strategy(spec, warm_start)
     uri = resolve_tracking_uri(spec.tracking.uri) if tracking else None
     if uri:
         check_reachable(uri)

@@ -38,8 +38,8 @@ DEMO_SPEC = ROOT / "examples" / "adult.yaml"
 REQUIRED_FILES = [DOCKERFILE, DOCKERIGNORE, RAYCLUSTER, RAYJOB, CRONJOB, COMPOSE,
                   MLFLOW_DOCKERFILE, ENV_EXAMPLE, LAUNCHER, README]
 
-# The CLI's subcommands (jobs/cli.py and the job commands it registers).
-KNOWN_SUBCOMMANDS = {"inspect", "train", "tune", "retrain", "predict", "submit", "schedule"}
+# The CLI's subcommands (jobs/cli.py and the job commands it registers in jobs/commands.py).
+KNOWN_SUBCOMMANDS = {"inspect", "train", "tune", "retrain", "predict", "submit", "schedule", "jobs"}
 
 AUTH_SECRET_KEY = "auth_token"  # KubeRay's data key for the token in an auth Secret
 GPU = "nvidia.com/gpu"
@@ -185,10 +185,6 @@ def test_yaml_parses_to_mappings(path: Path) -> None:
         assert isinstance(doc, dict), f"{rel(path)}: a document is not a mapping"
 
 
-def _k8s_manifests() -> list[Path]:
-    return [RAYCLUSTER, RAYJOB, CRONJOB]
-
-
 @pytest.mark.parametrize(("path", "api_version", "kind"), [
     (RAYCLUSTER, "ray.io/v1", "RayCluster"),
     (RAYJOB, "ray.io/v1", "RayJob"),
@@ -218,7 +214,8 @@ def test_ray_start_params_are_strings(cluster: tuple[str, dict[str, Any]]) -> No
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for group in groups:
         for key, value in (group.get("rayStartParams") or {}).items():
-            assert isinstance(value, str), f"{where}: rayStartParams.{key} = {value!r} is not a string"
+            assert isinstance(value, str), \
+                f"{where}: rayStartParams.{key} = {value!r} is not a string"
 
 
 def test_head_has_no_gpu(cluster: tuple[str, dict[str, Any]]) -> None:
@@ -279,7 +276,8 @@ def test_token_authentication(cluster: tuple[str, dict[str, Any]]) -> None:
     assert secret, f"{where}: authOptions.secretName names the token Secret"
     for role, c in ray_containers(spec):
         env = env_of(c)
-        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where} {role}: RAY_AUTH_MODE"
+        mode = env.get("RAY_AUTH_MODE", {}).get("value")
+        assert mode == "token", f"{where} {role}: RAY_AUTH_MODE={mode!r}"
         tok = env.get("RAY_AUTH_TOKEN")
         assert tok is not None, f"{where} {role}: no RAY_AUTH_TOKEN"
         assert "value" not in tok, f"{where} {role}: RAY_AUTH_TOKEN must come from a Secret"
@@ -291,7 +289,8 @@ def test_tracking_uri_reaches_every_ray_node(cluster: tuple[str, dict[str, Any]]
     where, spec = cluster
     for role, c in ray_containers(spec):
         uri = env_of(c).get("MLFLOW_TRACKING_URI", {}).get("value", "")
-        assert re.match(r"^https?://[\w.-]+:\d+/?$", uri), f"{where} {role}: MLFLOW_TRACKING_URI {uri!r}"
+        assert re.match(r"^https?://[\w.-]+:\d+/?$", uri), \
+            f"{where} {role}: MLFLOW_TRACKING_URI {uri!r}"
 
 
 def test_rayjob_runs_the_sweep_and_cleans_up() -> None:
@@ -347,7 +346,12 @@ def test_cronjob_runs_retrain() -> None:
     image_of(rel(CRONJOB), c)
     assert_resources(rel(CRONJOB), c)
     cmd = command_text(c.get("command")) + " " + command_text(c.get("args"))
-    assert "rungwise retrain" in cmd, cmd
+    # Either `ray job submit ... -- rungwise retrain SPEC` or
+    # `rungwise submit SPEC --command retrain --follow`: both wait for the Ray job to end.
+    via_submit = re.search(r"rungwise submit\b.*--command[ =]retrain\b", cmd)
+    assert "rungwise retrain" in cmd or via_submit, cmd
+    if via_submit:
+        assert "--follow" in cmd, "without --follow the pod ends when the job starts"
     assert "/app/examples/adult.yaml" in cmd, cmd
     env = env_of(c)
     assert env["MLFLOW_TRACKING_URI"].get("value", "").startswith("http"), "MLFLOW_TRACKING_URI"
@@ -522,7 +526,8 @@ def test_launcher_node_types() -> None:
     assert not types[head].get("resources", {}).get("GPU"), "the head must not offer a GPU"
     assert "CPU" in types[head].get("resources", {})
     assert types[head]["node_config"]["InstanceType"].startswith("m5.")
-    gpu_types = [n for n, t in types.items() if n != head and t.get("resources", {}).get("GPU", 0) >= 1]
+    gpu_types = [n for n, t in types.items()
+                 if n != head and t.get("resources", {}).get("GPU", 0) >= 1]
     assert gpu_types, "no GPU worker type"
     for name in gpu_types:
         t = types[name]
@@ -583,12 +588,12 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 def test_dockerfile_variant_and_versions() -> None:
     text = _dockerfile()
     assert dockerfile_arg_default(text, "VARIANT") == "cpu"
-    assert pyproject_pin("torch") == "==" + dockerfile_arg_default(text, "TORCH_VERSION")
-    assert pyproject_pin("ray") == "==" + dockerfile_arg_default(text, "RAY_VERSION")
+    assert pyproject_pin("torch") == f"=={dockerfile_arg_default(text, 'TORCH_VERSION')}"
+    assert pyproject_pin("ray") == f"=={dockerfile_arg_default(text, 'RAY_VERSION')}"
     assert "https://download.pytorch.org/whl/cpu" in text
     assert re.search(r"https://download\.pytorch\.org/whl/(cu\d+|\$\{CUDA_TAG\})", text)
-    assert dockerfile_arg_default(text, "CUDA_TAG") in {None} or re.fullmatch(
-        r"cu\d{3}", dockerfile_arg_default(text, "CUDA_TAG") or "")
+    cuda_tag = dockerfile_arg_default(text, "CUDA_TAG")
+    assert cuda_tag is None or re.fullmatch(r"cu\d{3}", cuda_tag), cuda_tag
     froms = [args for ins, args in _instructions(text) if ins == "FROM"]
     assert any("cpu" in f for f in froms) and any(("gpu" in f or "cuda" in f) for f in froms)
     assert any("${VARIANT}" in f for f in froms), "VARIANT must select the base"
@@ -611,9 +616,9 @@ def test_dockerfile_entrypoint_and_user() -> None:
     assert users, "no USER: the image would run as root"
     last = users[-1].split(":")[0]
     assert last not in {"root", "0"}, f"last USER is {users[-1]}"
-    # Every USER after the last FROM (the final stage) ends non-root too.
+    # The final stage itself switches user (a USER in an earlier stage does not carry over).
     last_from = max(n for n, (i, _) in enumerate(ins) if i == "FROM")
-    assert any(i == "USER" for i, _ in ins[last_from:])
+    assert any(i == "USER" for i, _ in ins[last_from:]), "final stage runs as the base's user"
 
 
 def test_dockerignore_keeps_secrets_and_environments_out() -> None:
@@ -694,7 +699,7 @@ def test_rungwise_commands_exist_in_the_cli() -> None:
     for action in parser._actions:  # argparse keeps subparsers here
         if getattr(action, "choices", None) and isinstance(action.choices, dict):
             choices |= set(action.choices)
-    if not KNOWN_SUBCOMMANDS <= choices:
+    if not KNOWN_SUBCOMMANDS - {"jobs"} <= choices:
         pytest.skip(f"CLI does not register all subcommands yet: {sorted(choices)}")
     used = {s for _, s in _rungwise_subcommands()}
     assert used <= choices, sorted(used - choices)
@@ -711,9 +716,9 @@ def test_readme_mentions_only_existing_infra_files() -> None:
 
 def test_readme_covers_token_flow_and_port_forwarding() -> None:
     text = README.read_text()
-    for needle in ("ray get-auth-token", "~/.ray/auth_token", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE=token",
-                   "kubectl port-forward", "8265", "ray dashboard", "docker compose",
-                   "--build-arg VARIANT=cpu", "--build-arg VARIANT=cuda"):
+    for needle in ("ray get-auth-token", "~/.ray/auth_token", "RAY_AUTH_TOKEN",
+                   "RAY_AUTH_MODE=token", "kubectl port-forward", "8265", "ray dashboard",
+                   "docker compose", "--build-arg VARIANT=cpu", "--build-arg VARIANT=cuda"):
         assert needle in text, f"infra/README.md does not cover {needle!r}"
 
 
@@ -803,8 +808,8 @@ def test_secret_scanner_catches_leaks(name: str, text: str, docs: list[Any] | No
 
 
 @pytest.mark.parametrize(("name", "text", "docs"), [
-    ("ok.yaml", "", [{"env": [{"name": "RAY_AUTH_TOKEN",
-                               "valueFrom": {"secretKeyRef": {"name": "s", "key": "auth_token"}}}]}]),
+    ("ok.yaml", "", [{"env": [{"name": "RAY_AUTH_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "s", "key": "auth_token"}}}]}]),
     ("ok.yaml", "", [{"environment": {"POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set it}"}}]),
     ("ok.yaml", "uri: postgresql://${POSTGRES_USER:-mlflow}@postgres:5432/mlflow", None),
     (".env.example", "POSTGRES_PASSWORD=change-me-postgres\n", None),

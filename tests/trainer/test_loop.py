@@ -214,7 +214,7 @@ def test_grad_clip_bounds_the_gradient_norm() -> None:
 
 def test_regression_metrics_in_original_units() -> None:
     data = make_data("regression", n=400)
-    result = run(data, train_spec(epochs=30, lr=1e-2, batch_size=64))
+    result = run(data, train_spec(epochs=40, lr=3e-2, batch_size=64), model_spec([], 0.0))
     test = evaluate(result.model, data.x_test, data.y_test, data)
     assert set(test) == {"test_loss", "test_rmse", "test_mae", "test_r2"}
     y_true = data.y_test.numpy().astype(np.float64) * data.y_scale + data.y_mean
@@ -224,7 +224,7 @@ def test_regression_metrics_in_original_units() -> None:
     assert test["test_r2"] == pytest.approx(r2_score(y_true, y_pred), abs=1e-5)
     assert test["test_rmse"] == pytest.approx(math.sqrt(test["test_loss"]) * data.y_scale,
                                               rel=1e-4)
-    assert 50 < test["test_rmse"] < 500  # the noise is 100 in original units
+    assert 50 < test["test_rmse"] < 200  # a linear model; the noise is 100 in original units
     best = result.history[result.best_epoch - 1]
     val = evaluate(result.model, data.x_val, data.y_val, data, prefix="val_", extended=False)
     assert val == {"val_loss": best["val_loss"], "val_rmse": best["val_rmse"]}
