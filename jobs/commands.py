@@ -7,12 +7,17 @@ and its handler. Handlers import their heavy modules (ray) when they run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobs.submit import Cluster
 
 AddSpec = Callable[[argparse.ArgumentParser], None]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def add_parsers(sub: Any, add_spec: AddSpec) -> None:
@@ -59,11 +64,54 @@ def _add_submit(sub: Any, add_spec: AddSpec) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from jobs.submit import SubmitRequest, submit
 
-    return submit(SubmitRequest(
+    cluster, job_id = submit(SubmitRequest(
         spec=args.spec, overrides=list(args.overrides), address=args.address,
         command=args.command, python=args.python, pip=list(args.pip), args=list(args.extra_args),
-        allow_local_tracking=args.allow_local_tracking, follow=args.follow,
-        wait=not args.no_wait))
+        allow_local_tracking=args.allow_local_tracking, debug=args.debug))
+    if args.follow:
+        return follow(cluster, job_id)
+    return 0 if args.no_wait else wait_started(cluster, job_id)
+
+
+def wait_started(cluster: Cluster, job_id: str) -> int:
+    """Wait while the runtime env is set up; a job that fails there exits 1 with its reason."""
+    with cluster.errors(job_id):
+        info = cluster.client.get_job_info(job_id)
+        while str(info.status) == "PENDING":
+            time.sleep(1.0)
+            info = cluster.client.get_job_info(job_id)
+    return _report(cluster, job_id, info, ok=("PENDING", "RUNNING", "SUCCEEDED"))
+
+
+def follow(cluster: Cluster, job_id: str) -> int:
+    """Stream the job's logs until it ends; 0 if it SUCCEEDED, else 1."""
+    print("rungwise: Ctrl-C stops following, not the job", file=sys.stderr, flush=True)
+    with cluster.errors(job_id):
+        cluster.client.get_job_info(job_id)  # an unknown id fails here, not in the websocket
+        try:
+            asyncio.run(_tail(cluster, job_id))
+        except RuntimeError as exc:  # the websocket dropped; the job goes on
+            print(f"rungwise: log stream lost ({cluster.scrub(str(exc))[:200]}); waiting for "
+                  "the job to end", file=sys.stderr)
+        info = cluster.client.get_job_info(job_id)
+        while str(info.status) not in TERMINAL:
+            time.sleep(1.0)
+            info = cluster.client.get_job_info(job_id)
+    return _report(cluster, job_id, info, ok=("SUCCEEDED",))
+
+
+async def _tail(cluster: Cluster, job_id: str) -> None:
+    async for chunk in cluster.client.tail_job_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def _report(cluster: Cluster, job_id: str, info: Any, ok: tuple[str, ...]) -> int:
+    print(f"status: {info.status}", flush=True)
+    if str(info.status) in ok:
+        return 0
+    print(f"rungwise: job {job_id}: {cluster.scrub(info.message or '')[:2000]}", file=sys.stderr)
+    return 1
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
@@ -102,11 +150,11 @@ def _short(text: str, width: int) -> str:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-    from jobs.submit import cluster_errors, connect
+    from jobs.submit import connect
 
-    client, url, headers = connect(args.address)
-    with cluster_errors(url, headers):
-        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    cluster = connect(args.address, args.debug)
+    with cluster.errors():
+        jobs = sorted(cluster.client.list_jobs(), key=lambda j: j.start_time or 0)
     rows = [(j.submission_id or j.job_id or "-", str(j.status), _when(j.start_time),
              _short(j.entrypoint, 60)) for j in jobs]
     header = ("ID", "STATUS", "START", "ENTRYPOINT")
@@ -117,38 +165,38 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_status(args: argparse.Namespace) -> int:
-    from jobs.submit import cluster_errors, connect
+    from jobs.submit import connect
 
-    client, url, headers = connect(args.address)
-    with cluster_errors(url, headers, args.job_id):
-        info = client.get_job_info(args.job_id)
+    cluster = connect(args.address, args.debug)
+    with cluster.errors(args.job_id):
+        info = cluster.client.get_job_info(args.job_id)
     print(f"{args.job_id}  {info.status}  start {_when(info.start_time)}  "
           f"end {_when(info.end_time)}")
     if info.message:
-        print(_short(info.message, 500))
+        print(_short(cluster.scrub(info.message), 500))
     return 0
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
-    from jobs.submit import cluster_errors, connect, follow
+    from jobs.submit import connect
 
-    client, url, headers = connect(args.address)
+    cluster = connect(args.address, args.debug)
     if args.follow:
-        return follow(client, url, headers, args.job_id)
-    with cluster_errors(url, headers, args.job_id):
-        sys.stdout.write(client.get_job_logs(args.job_id))
+        return follow(cluster, args.job_id)
+    with cluster.errors(args.job_id):
+        sys.stdout.write(cluster.client.get_job_logs(args.job_id))
     return 0
 
 
 def cmd_jobs_stop(args: argparse.Namespace) -> int:
-    from jobs.submit import cluster_errors, connect
+    from jobs.submit import connect
 
-    client, url, headers = connect(args.address)
-    with cluster_errors(url, headers, args.job_id):
-        status = str(client.get_job_info(args.job_id).status)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+    cluster = connect(args.address, args.debug)
+    with cluster.errors(args.job_id):
+        status = str(cluster.client.get_job_info(args.job_id).status)
+        if status in TERMINAL:
             print(f"{args.job_id} has already ended: {status}")
             return 0
-        client.stop_job(args.job_id)
+        cluster.client.stop_job(args.job_id)
     print(f"stop requested: {args.job_id}")
     return 0

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.pipeline import make_imputer, split_data
-
 
 def inspect_spec(spec: Any) -> str:
+    # imported here: `rungwise inspect` reports a bad spec before pandas and sklearn load
+    from trainer.pipeline import make_imputer, split_data
+
     raw = split_data(spec.data)
     lines = [f"spec: {spec.name}   data: {spec.data.path}   fingerprint: {raw.fingerprint}"]
     if raw.images is not None:

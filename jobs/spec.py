@@ -17,10 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_DEPTH = 32
 
 
 class SpecError(ValueError):
     """A job spec that cannot be used; the message is one line naming the key path."""
+
+
+class _EntryError(ValueError):
+    """A validator's error about one entry of a mapping; the message starts with its key."""
 
 
 class _Strict(BaseModel):
@@ -154,29 +159,29 @@ class TuneSpec(_Strict):
 def _check_dimension(path: str, dim: Any) -> None:
     where = f"{path}"
     if not isinstance(dim, dict) or len(dim) != 1:
-        raise ValueError(f"{where}: a dimension is one of {{{', '.join(DIMENSION_KINDS)}}}: "
+        raise _EntryError(f"{where}: a dimension is one of {{{', '.join(DIMENSION_KINDS)}}}: "
                          f"[...], got {dim!r}")
     kind, args = next(iter(dim.items()))
     if kind not in DIMENSION_KINDS:
-        raise ValueError(f"{where}: unknown dimension kind {kind!r}, allowed: "
+        raise _EntryError(f"{where}: unknown dimension kind {kind!r}, allowed: "
                          f"{', '.join(DIMENSION_KINDS)}")
     if not isinstance(args, list) or not args:
-        raise ValueError(f"{where}: {kind} takes a non-empty list, got {args!r}")
+        raise _EntryError(f"{where}: {kind} takes a non-empty list, got {args!r}")
     if kind in ("choice", "grid"):
         return
     want = 3 if kind == "quniform" else 2
     nums = [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
     if len(args) != want or len(nums) != want or not all(math.isfinite(a) for a in nums):
-        raise ValueError(f"{where}: {kind} takes {want} numbers, got {args!r}")
+        raise _EntryError(f"{where}: {kind} takes {want} numbers, got {args!r}")
     low, high = args[0], args[1]
     if low >= high:
-        raise ValueError(f"{where}: {kind} bounds must be increasing, got {args!r}")
+        raise _EntryError(f"{where}: {kind} bounds must be increasing, got {args!r}")
     if kind == "loguniform" and low <= 0:
-        raise ValueError(f"{where}: loguniform bounds must be positive, got {args!r}")
+        raise _EntryError(f"{where}: loguniform bounds must be positive, got {args!r}")
     if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise ValueError(f"{where}: randint bounds must be integers, got {args!r}")
+        raise _EntryError(f"{where}: randint bounds must be integers, got {args!r}")
     if kind == "quniform" and args[2] <= 0:
-        raise ValueError(f"{where}: quniform step must be positive, got {args!r}")
+        raise _EntryError(f"{where}: quniform step must be positive, got {args!r}")
 
 
 class ResourcesSpec(_Strict):
@@ -286,18 +291,43 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """Safe loader that refuses anchors/aliases: a spec never needs them, bombs do."""
+    """Safe loader that refuses anchors/aliases (a spec never needs them, bombs do),
+    duplicate keys (the second would silently win) and deep nesting (a recursion bomb)."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
             raise SpecError(f"YAML aliases (*{event.anchor}) are not allowed in a job spec "
                             f"(line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_SPEC_DEPTH:
+            mark = self.peek_event().start_mark
+            raise SpecError(f"YAML nested more than {MAX_SPEC_DEPTH} levels deep "
+                            f"(line {mark.line + 1}); a job spec needs a handful")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _format_error(err: dict[str, Any], raw: Any) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    loc = _key_path(err["loc"], raw)
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     if err["type"] == "extra_forbidden":
@@ -305,12 +335,38 @@ def _format_error(err: dict[str, Any], raw: Any) -> str:
         return f"{loc}: unknown key; allowed: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _EntryError):  # "train.lr: ..." about an entry of the mapping at loc
+        return f"{loc}.{cause}" if loc else str(cause)
+    if not loc:
+        return msg
+    if err["type"] == "value_error":  # rungwise's own validators say what they got
+        return f"{loc}: {msg}"
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    if not loc:
-        return msg
     return f"{loc}: {msg}; got {shown}"
+
+
+def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
+    """The parts of a pydantic location that are keys of the spec, joined with dots.
+
+    pydantic also puts union members (``float``, ``literal['auto']``) and validator names
+    into a location; they follow a scalar of the input, where no key can follow.
+    """
+    parts: list[str] = []
+    node = raw
+    for part in loc:
+        if str(part).startswith("function-"):
+            continue
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part] if 0 <= part < len(node) else None
+        else:
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

@@ -47,15 +47,15 @@ inherits the head's mode and token; nothing about the token goes into the runtim
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
+import logging
 import os
 import re
 import shlex
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +73,6 @@ EXCLUDES = (".venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "rungwise-run
             "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis",
             "*.egg-info", "tests")
 UPLOAD_LIMIT = 100 * 2**20  # the dashboard's request size limit (DASHBOARD_CLIENT_MAX_SIZE)
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TOKEN_HELP = ("put the cluster's token in ~/.ray/auth_token (`ray get-auth-token` on the head "
               "prints it) or point RAY_AUTH_TOKEN_PATH at a file holding it")
 
@@ -91,8 +90,23 @@ class SubmitRequest:
     args: list[str] = field(default_factory=list)
     """Extra arguments for the command on the cluster (``--no-register``)."""
     allow_local_tracking: bool = False
-    follow: bool = False
-    wait: bool = True
+    debug: bool = False
+    """Keep Ray's client logging."""
+
+
+@dataclass(slots=True)
+class Cluster:
+    """A job client bound to one cluster, and the headers it sends (to scrub from errors)."""
+
+    client: JobSubmissionClient
+    url: str
+    headers: dict[str, str]
+
+    def errors(self, job_id: str | None = None) -> AbstractContextManager[None]:
+        return cluster_errors(self.url, self.headers, job_id)
+
+    def scrub(self, text: str) -> str:
+        return _scrub(text, self.headers)
 
 
 # --- the cluster: address, token, errors ----------------------------------------------
@@ -119,7 +133,7 @@ def auth_headers() -> dict[str, str]:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if path and not os.environ.get("RAY_AUTH_TOKEN") and not _readable(Path(path)):
         raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: the file cannot be read or is empty")
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
 
     loader = AuthenticationTokenLoader.instance()
     if loader.has_token(ignore_auth_mode=True):
@@ -189,7 +203,20 @@ def _probe(address: str, headers: dict[str, str], timeout: float = 10.0) -> None
                         f"(GET /api/version -> HTTP {r.status_code})")
 
 
-def connect(address: str | None) -> tuple[JobSubmissionClient, str, dict[str, str]]:
+def quiet_ray(debug: bool = False) -> None:
+    """Hide the job client's INFO chatter (one line per .gitignore it honours) unless debugging."""
+    if debug:
+        return
+    levels = {"ray": logging.WARNING, "ray.dashboard.modules.dashboard_sdk": logging.WARNING,
+              "ray.dashboard.modules.job.sdk": logging.WARNING,
+              "ray._private.runtime_env.packaging": logging.WARNING,
+              # warns that .venv is excluded by default: rungwise excludes it anyway
+              "ray._private.runtime_env.working_dir": logging.ERROR}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def connect(address: str | None, debug: bool = False) -> Cluster:
     """A job client for the cluster, with the token header when one is available."""
     url = resolve_address(address)
     headers = auth_headers()
@@ -197,7 +224,8 @@ def connect(address: str | None) -> tuple[JobSubmissionClient, str, dict[str, st
     with cluster_errors(url, headers):
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(url, headers=dict(headers)), url, headers
+        quiet_ray(debug)  # after importing ray, which sets up its loggers
+        return Cluster(JobSubmissionClient(url, headers=dict(headers)), url, headers)
 
 
 # --- what is shipped -------------------------------------------------------------------
@@ -215,16 +243,17 @@ def is_local_uri(uri: str | None) -> bool:
     return scheme in ("", "file", "sqlite")
 
 
-def check_tracking(spec: JobSpec, allow_local: bool) -> None:
+def check_tracking(spec: JobSpec, allow_local: bool) -> str | None:
+    """Refuse local tracking unless allowed; a note to print once submitted, if allowed."""
     uri = effective_tracking_uri(spec)
     if not is_local_uri(uri):
-        return
+        return None
     shown = uri or "MLflow's default (sqlite:///mlflow.db in the job's folder)"
     if not allow_local:
         raise UserError(f"tracking.uri: {shown} is local to this machine and the Ray cluster "
                         "cannot see it; use an http(s):// MLflow server (tracking.uri or "
                         "MLFLOW_TRACKING_URI) or pass --allow-local-tracking")
-    print(f"rungwise: note: the job tracks to {shown} on the cluster's disk", file=sys.stderr)
+    return f"rungwise: note: the job tracks to {shown} on the cluster's disk"
 
 
 def project_root(spec_file: Path) -> Path:
@@ -260,7 +289,8 @@ def upload_size(root: Path, excludes: list[str]) -> int:
     return total
 
 
-def runtime_env(root: Path, rel_spec: Path, pip: list[str]) -> dict[str, Any]:
+def runtime_env(root: Path, rel_spec: Path, pip: list[str]) -> tuple[dict[str, Any], int]:
+    """The job's runtime_env and the bytes its working_dir holds."""
     excludes = excludes_for(rel_spec)
     size = upload_size(root, excludes)
     if size > UPLOAD_LIMIT:
@@ -273,7 +303,7 @@ def runtime_env(root: Path, rel_spec: Path, pip: list[str]) -> dict[str, Any]:
     env: dict[str, Any] = {"working_dir": str(root), "excludes": excludes, "env_vars": env_vars}
     if pip:
         env["pip"] = list(pip)
-    return env
+    return env, size
 
 
 def entrypoint(req: SubmitRequest, rel_spec: Path) -> str:
@@ -288,32 +318,35 @@ def submission_id(name: str, command: str) -> str:
     return f"rungwise-{slug}-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
-# --- submit and follow -----------------------------------------------------------------
+# --- submit ---------------------------------------------------------------------------
 
 
-def submit(req: SubmitRequest) -> int:
-    """Validate, refuse what the cluster could not run, submit; 0/1 when following."""
+def submit(req: SubmitRequest) -> tuple[Cluster, str]:
+    """Validate, refuse what the cluster could not run, submit; the cluster and the job id."""
     from jobs.spec import load_spec, parse_overrides
 
     spec = load_spec(req.spec, parse_overrides(req.overrides))
+    note = None
     if req.command != "inspect" and "--no-tracking" not in req.args:
-        check_tracking(spec, req.allow_local_tracking)
+        note = check_tracking(spec, req.allow_local_tracking)
     root = project_root(Path(req.spec))
     rel_spec = Path(req.spec).resolve().relative_to(root)
     _warn_outside(spec.data.path, root)
-    env = runtime_env(root, rel_spec, req.pip)
-    client, url, headers = connect(req.address)
-    with cluster_errors(url, headers):
-        job_id = client.submit_job(
+    env, size = runtime_env(root, rel_spec, req.pip)
+    cluster = connect(req.address, req.debug)
+    print(f"rungwise: uploading {root} ({size / 2**20:.1f} MiB before zipping) as the job's "
+          "working_dir", file=sys.stderr, flush=True)
+    with cluster.errors():
+        job_id = cluster.client.submit_job(
             entrypoint=entrypoint(req, rel_spec), runtime_env=env,
             submission_id=submission_id(spec.name, req.command),
             metadata={"rungwise_spec": rel_spec.as_posix(), "rungwise_command": req.command})
     print(f"submitted: {job_id}", flush=True)
-    hint = f"rungwise jobs logs {job_id} --follow --address {url}"
+    if note:
+        print(note, file=sys.stderr)
+    hint = f"rungwise jobs logs {job_id} --follow --address {cluster.url}"
     print(f"rungwise: follow with `{hint}`", file=sys.stderr, flush=True)
-    if req.follow:
-        return follow(client, url, headers, job_id)
-    return wait_started(client, url, headers, job_id) if req.wait else 0
+    return cluster, job_id
 
 
 def _warn_outside(data_path: str, root: Path) -> None:
@@ -321,45 +354,3 @@ def _warn_outside(data_path: str, root: Path) -> None:
         return
     print(f"rungwise: warning: data.path {data_path} is outside {root}, which is all that is "
           "uploaded: the cluster must see it at that same path", file=sys.stderr)
-
-
-def wait_started(client: JobSubmissionClient, url: str, headers: dict[str, str],
-                 job_id: str) -> int:
-    """Wait while the runtime env is set up; a job that fails there exits 1 with its reason."""
-    with cluster_errors(url, headers, job_id):
-        info = client.get_job_info(job_id)
-        while str(info.status) == "PENDING":
-            time.sleep(1.0)
-            info = client.get_job_info(job_id)
-    print(f"status: {info.status}", flush=True)
-    if str(info.status) in ("FAILED", "STOPPED"):
-        print(f"rungwise: job {job_id}: {_scrub(info.message or '', headers)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def _tail(client: JobSubmissionClient, job_id: str) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-
-
-def follow(client: JobSubmissionClient, url: str, headers: dict[str, str], job_id: str) -> int:
-    """Stream the job's logs until it ends; 0 if it SUCCEEDED, else 1."""
-    print("rungwise: Ctrl-C stops following, not the job", file=sys.stderr, flush=True)
-    with cluster_errors(url, headers, job_id):
-        client.get_job_info(job_id)  # an unknown id fails here, not in the websocket
-        try:
-            asyncio.run(_tail(client, job_id))
-        except RuntimeError as exc:  # the websocket dropped; the job goes on
-            print(f"rungwise: log stream lost ({_scrub(str(exc), headers)[:200]}); waiting "
-                  "for the job to end", file=sys.stderr)
-        info = client.get_job_info(job_id)
-        while str(info.status) not in TERMINAL:
-            time.sleep(1.0)
-            info = client.get_job_info(job_id)
-    print(f"status: {info.status}", flush=True)
-    if str(info.status) != "SUCCEEDED":
-        print(f"rungwise: job {job_id}: {_scrub(info.message or '', headers)}", file=sys.stderr)
-        return 1
-    return 0

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 MAX_CATEGORIES = 1000
 
@@ -62,7 +61,13 @@ def detect_format(path: str, declared: str = "auto") -> str:
 
 
 def _check_exists(path: str) -> None:
-    if "://" not in path and not Path(path).is_file():
+    if "://" in path:
+        return
+    if Path(path).is_dir():
+        raise DataError(f"data.path: {path} is a directory; name a CSV, Parquet or .npz file")
+    if Path(path).exists() and not Path(path).is_file():
+        raise DataError(f"data.path: {path} is not a regular file")
+    if not Path(path).is_file():
         raise DataError(f"data.path: file not found: {path}")
 
 
@@ -86,16 +91,21 @@ def read_table(data: Any) -> pd.DataFrame:
             raise DataError(f"data.path: {path} is not UTF-8 text ({first})") from None
         raise DataError(f"data.path: cannot read {path} as {fmt}: {first}") from None
     _check_flat(df, path)
-    return _clean(df, list(data.na_values))
+    return _clean(df, list(data.na_values), path)
 
 
 def _read_csv(path: str, data: Any) -> pd.DataFrame:
     names = list(data.columns) if data.columns else None
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise DataError(f"data.path: {path} is empty")
-    return pd.read_csv(path, engine="pyarrow", sep=data.delimiter, names=names,
-                       header=None if names else "infer",
-                       na_values=list(data.na_values) or None)
+    df = pd.read_csv(path, engine="pyarrow", sep=data.delimiter,
+                     header=None if names else "infer", na_values=list(data.na_values) or None)
+    if names is not None:  # pandas would silently turn surplus columns into the index
+        if len(names) != df.shape[1] or len(set(names)) != len(names):
+            raise DataError(f"data.columns: {len(names)} names for the {df.shape[1]} columns "
+                            f"of {path}; give one distinct name per column")
+        df.columns = names
+    return df
 
 
 def _check_flat(df: pd.DataFrame, path: str) -> None:
@@ -111,7 +121,7 @@ def _check_flat(df: pd.DataFrame, path: str) -> None:
                             "only flat columns of numbers or text are supported")
 
 
-def _clean(df: pd.DataFrame, na_values: list[str]) -> pd.DataFrame:
+def _clean(df: pd.DataFrame, na_values: list[str], path: str = "") -> pd.DataFrame:
     """Strip text, turn na_values into missing, and re-type text columns that are numbers.
 
     pyarrow matches na_values exactly, so ``" ?"`` in a ``", "``-separated file (adult)
@@ -124,7 +134,11 @@ def _clean(df: pd.DataFrame, na_values: list[str]) -> pd.DataFrame:
             continue
         if not (pd.api.types.is_string_dtype(s) or s.dtype == object):
             continue
-        s = s.astype("str").where(s.notna()).str.strip()
+        try:  # pyarrow hands over text that is not UTF-8 as bytes
+            s = s.astype("str").where(s.notna()).str.strip()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"data.path: column {col!r} of {path} is not UTF-8 text "
+                            f"(byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
         if na_values:
             s = s.mask(s.isin(na_values))
         numeric = pd.to_numeric(s, errors="coerce")
@@ -148,6 +162,9 @@ def infer_schema(df: pd.DataFrame, data: Any) -> Schema:
                         f"columns: {_short(cols)}")
     if data.target in features:
         raise DataError(f"data.features: lists the target {data.target!r}")
+    if not features:
+        raise DataError(f"data.features: no feature columns; the table has only the target "
+                        f"{data.target!r}")
     declared = list(data.categorical) if data.categorical is not None else None
     if declared is not None:
         stray = [c for c in declared if c not in features]
@@ -209,11 +226,15 @@ def select(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
 
 def split(df: pd.DataFrame, schema: Schema, spec: Any) -> Splits:
     """Seeded train/val/test split, stratified on the target for classification."""
+    from sklearn.model_selection import train_test_split  # slow import; only needed here
+
     n = len(df)
     n_test, n_val = round(n * spec.test), round(n * spec.val)
-    if n - n_test - n_val < 2 or n_test < 1 or n_val < 1:
+    n_train = n - n_test - n_val
+    if n_train < 2 or n_test < 1 or n_val < 1:
         raise DataError(f"data.split: {n} rows are too few for val={spec.val}, "
-                        f"test={spec.test}: the training split would be empty")
+                        f"test={spec.test}: that makes {n_train} train / {n_val} val / "
+                        f"{n_test} test rows; each split needs rows (train at least 2)")
     strat = df[schema.target] if schema.task == "classification" and spec.stratify else None
     if strat is not None and strat.value_counts().min() < 3:
         warnings.warn("data.split.stratify: a class has fewer than 3 rows; "

@@ -30,10 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.checkpoint import copy_tensors, make_checkpoint, restore_checkpoint
-from trainer.metrics import LossFn, loss_function, task_metrics
+from trainer.metrics import LossFn, evaluate, loss_function
 from trainer.models import (
     autocast_context,
-    forward_batched,
     param_device,
     predict,
     predict_proba,
@@ -317,24 +316,6 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
     if cfg.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     return None
-
-
-def evaluate(model: nn.Module, x: Any, y: Any, data: TensorData | str,
-             prefix: str = "test_", *, y_mean: float = 0.0, y_scale: float = 1.0,
-             extended: bool = True) -> dict[str, float]:
-    """Loss and metrics of ``model`` on (x, y), keys prefixed (``test_loss`` ...).
-
-    ``data`` is the ``TensorData`` (for its task, y_mean, y_scale) or the task name.
-    Classification: loss, accuracy (+ roc_auc for two classes); regression: loss
-    (standardised MSE), rmse, mae, r2 in original units. ``extended=False``: the first two.
-    """
-    if isinstance(data, TensorData):
-        task, y_mean, y_scale = data.task, data.y_mean, data.y_scale
-    else:
-        task = data
-    out = forward_batched(model, x)
-    return task_metrics(out, torch.as_tensor(y).to(out.device), task, y_mean, y_scale,
-                        prefix, extended)
 
 
 def resolve_device(name: str) -> torch.device:

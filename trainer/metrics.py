@@ -1,4 +1,4 @@
-"""Losses and metrics on model outputs, as plain Python floats.
+"""Losses and metrics on model outputs, as plain Python floats; ``evaluate`` scores a model.
 
 Classification: one logit per class, cross-entropy, accuracy, and ROC AUC (on the softmax
 probability of class 1) when there are two classes. Regression: one output, the model
@@ -9,10 +9,14 @@ are reported in the target's original units (``y = y_std * y_scale + y_mean``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from trainer.models import forward_batched
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -91,3 +95,21 @@ def task_metrics(out: torch.Tensor, y: torch.Tensor, task: str, y_mean: float = 
     if task == "regression":
         return regression_metrics(out, y, y_mean, y_scale, prefix, extended)
     raise ValueError(f"data.task: unknown task {task!r}; allowed: classification, regression")
+
+
+def evaluate(model: nn.Module, x: Any, y: Any, data: Any, prefix: str = "test_", *,
+             y_mean: float = 0.0, y_scale: float = 1.0,
+             extended: bool = True) -> dict[str, float]:
+    """Loss and metrics of ``model`` on (x, y), keys prefixed (``test_loss`` ...).
+
+    ``data`` is a ``TensorData`` (or anything with task, y_mean, y_scale) or the task name.
+    Classification: loss, accuracy (+ roc_auc for two classes); regression: loss
+    (standardised MSE), rmse, mae, r2 in original units. ``extended=False``: the first two.
+    """
+    if isinstance(data, str):
+        task = data
+    else:
+        task, y_mean, y_scale = data.task, data.y_mean, data.y_scale
+    out = forward_batched(model, x)  # (N, outputs), eval mode, no grad
+    return task_metrics(out, torch.as_tensor(y).to(out.device), task, y_mean, y_scale,
+                        prefix, extended)

@@ -6,6 +6,9 @@ plain ``nn.Sequential``, seeded so that the same spec and seed give the same wei
 
 Initialisation follows the activation: Kaiming/He (uniform, fan-in) for the ReLU family
 and softplus, Xavier/Glorot (uniform) for tanh, sigmoid and sign; biases start at zero.
+
+Inference helpers live here too (``predict``, ``predict_proba``, ``forward_batched``): batched,
+eval mode, no grad, bf16 autocast on CUDA; they unwrap a ``DistributedDataParallel`` model.
 """
 
 from __future__ import annotations
@@ -183,7 +186,8 @@ def forward_batched(model: nn.Module, x: Any, batch_size: int = EVAL_BATCH) -> t
     was_training = net.training
     net.eval()
     with torch.no_grad(), autocast_context(device, use_bf16(device)):
-        outs = [net(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+        starts = range(0, len(x), batch_size) if len(x) else [0]  # (0, ...) in, (0, out) out
+        outs = [net(x[i:i + batch_size].to(device)) for i in starts]
     net.train(was_training)
     return torch.cat(outs).float()
 
@@ -198,7 +202,11 @@ def predict(model: nn.Module, x: Any, y_mean: float = 0.0, y_scale: float = 1.0)
 
 def predict_proba(model: nn.Module, x: Any) -> np.ndarray:
     """Class probabilities (N, n_classes) of a classification network."""
-    return torch.softmax(forward_batched(model, x), dim=-1).cpu().numpy()
+    out = forward_batched(model, x)
+    if out.shape[-1] < 2:
+        raise ValueError("predict_proba: this network has one output (regression); "
+                         "class probabilities need one output per class")
+    return torch.softmax(out, dim=-1).cpu().numpy()
 
 
 def use_bf16(device: torch.device) -> bool:

@@ -37,10 +37,7 @@ def _log_bundle(run_id: str, bundle: ModelBundle, example: pd.DataFrame | None,
         path = bundle.save(Path(tmp) / "bundle")
         signature = None
         if example is not None:
-            from mlflow.models import infer_signature
-
-            example = _floats(example)
-            signature = infer_signature(example, bundle.predict(example))
+            signature = _signature(example, bundle.predict(example))
         with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
@@ -50,13 +47,17 @@ def _log_bundle(run_id: str, bundle: ModelBundle, example: pd.DataFrame | None,
     return str(info.model_uri)
 
 
-def _floats(example: pd.DataFrame) -> pd.DataFrame:
-    """Integer columns as float64: a missing value at prediction time must fit the schema."""
-    out = example.copy()
-    for col in out.columns:
-        if pd.api.types.is_integer_dtype(out[col]):
-            out[col] = out[col].astype("float64")
-    return out
+def _signature(example: pd.DataFrame, prediction: Any) -> Any:
+    """Every input column named and optional, of any type: the model takes raw rows in which
+    an int column may arrive as floats (a missing value) and a column may be absent from
+    the data entirely; the bundle itself checks and casts. MLflow's inferred schema would
+    refuse int64 -> float64 and missing optional values."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    inputs = Schema([ColSpec(AnyType(), str(c), required=False) for c in example.columns])
+    outputs = infer_signature(example, prediction).outputs
+    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def _requirements() -> list[str]:

@@ -94,6 +94,7 @@ def build_strategy(spec: Any, warm_start: list[dict[str, Any]] | None = None) ->
             max_concurrent=tune_spec.max_concurrent)
     else:
         searcher = BasicVariantGenerator(points_to_evaluate=points or None,
+                                         max_concurrent=tune_spec.max_concurrent,
                                          random_state=spec.train.seed)
     scheduler, every = _scheduler(name, spec, params)
     return Strategy(name, reason, params, tune_spec.num_samples, searcher, scheduler, every)

@@ -108,7 +108,9 @@ def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: Path, callbacks:
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, search_alg=strategy.search_alg,
             scheduler=strategy.scheduler, num_samples=strategy.num_samples,
-            max_concurrent_trials=t.max_concurrent, time_budget_s=t.time_budget_s,
+            # the searchers limit concurrency themselves; Tune's own limit is for grid only
+            max_concurrent_trials=t.max_concurrent if strategy.search_alg is None else None,
+            time_budget_s=t.time_budget_s,
             reuse_actors=spec.resources.workers_per_trial == 1),
         run_config=tune.RunConfig(
             name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import socket
@@ -12,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import mean_absolute_error, r2_score
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.loop import (
@@ -213,6 +213,8 @@ def test_grad_clip_bounds_the_gradient_norm() -> None:
 
 
 def test_regression_metrics_in_original_units() -> None:
+    from sklearn.metrics import mean_absolute_error, r2_score
+
     data = make_data("regression", n=400)
     result = run(data, train_spec(epochs=40, lr=3e-2, batch_size=64), model_spec([], 0.0))
     test = evaluate(result.model, data.x_test, data.y_test, data)
@@ -301,7 +303,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children start with torch and torch._dynamo (which DDP and the optimisers
+    # import on first use) already imported; spawn re-imports them, ~10 s per child here.
+    importlib.import_module("torch._dynamo")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       join=True, start_method=method)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["history"] == r1["history"]  # train_loss all-reduced, val on the full split
     for key, value in r0["state"].items():

@@ -151,3 +151,18 @@ def test_trainer_imports_without_ray_and_mlflow() -> None:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_digits_example_spec_loads_and_builds_a_cnn() -> None:
+    from jobs.spec import load_spec
+
+    spec = load_spec(ROOT / "examples" / "digits.yaml")
+    assert (spec.name, spec.data.task, spec.model.kind) == ("digits", "classification", "cnn")
+    path = Path(spec.data.path)
+    assert path == ROOT / "data" / "digits" / "digits.npz" and path.is_file()
+    with np.load(path, allow_pickle=False) as npz:
+        x, y = npz["x"], npz["y"]
+    assert x.shape == (1797, 8, 8) and y.shape == (1797,) and sorted(set(y.tolist())) == list(
+        range(10))
+    net = build_model(spec.model, (1, 8, 8), 10, seed=spec.train.seed)
+    assert net(torch.as_tensor(x[:5, None], dtype=torch.float32)).shape == (5, 10)
