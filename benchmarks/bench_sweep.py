@@ -8,8 +8,8 @@ only (so every trial does the same work), 16 trials x 20 epochs, 2 at a time
 Timed in this one fresh process, in this order:
 
 1. ideal: ``trainer.run.train_run`` on the prepared data, no Ray, no MLflow,
-   ``torch.set_num_threads(1)``, for a few of the sampled configs (``--ideal-trials``);
-   ideal_s = mean time per trial x trials / concurrency.
+   ``torch.set_num_threads(1)``, for a few of the sampled configs (``--ideal-trials``), after
+   one untimed 1-epoch warm-up run; ideal_s = mean time per trial x trials / concurrency.
 2. cold: ``run_sweep`` with tracking on and registration, the first in this process, so
    ``ray.init()`` runs inside the timed region (imports are not: see bench_coldstart.py).
    wall_incl_startup_s = its wall; wall_excl_startup_s = that minus the measured ray.init.
@@ -79,6 +79,8 @@ def ideal(spec: Any, configs: list[dict[str, float]], trials: int,
 
     torch.set_num_threads(1)
     prepared = prepare(split_data(spec.data), spec.impute)
+    warm = spec.with_overrides({**configs[0], "train.epochs": 1})
+    train_run(warm.model, warm.train, prepared)  # first-call costs (lazy imports, allocator)
     times, cpus, epochs = [], [], 0
     for cfg in configs:
         s = spec.with_overrides(cfg)
@@ -273,9 +275,9 @@ def main() -> None:
             for reuse in (False, True):
                 say(f"4/4 glue: Tune function trainable + MLflowLoggerCallback, "
                     f"reuse_actors={reuse}")
-                c0 = common.tree_cpu_s()
-                w, p, threads = glue(prepared, trials, epochs, conc, uri, reuse, args.seed)
-                cpu = common.tree_cpu_s() - c0
+                with common.CpuMeter() as meter:
+                    w, p, threads = glue(prepared, trials, epochs, conc, uri, reuse, args.seed)
+                cpu = meter.seconds()
                 key = "reuse_actors" if reuse else "default"
                 out["glue"][key] = {"wall_s": r(w), "ratio_excl_startup": r(w / ideal_s),
                                     "ratio_incl_startup": r((w + ray_init) / ideal_s),

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from jobs.spec import load_spec
+from jobs.spec import JobSpec, load_spec
 from trainer.loop import TensorData, fit
 from trainer.models import build_model
 from trainer.pipeline import prepare, split_data
@@ -51,7 +51,7 @@ OVERRIDES = {"model.hidden": [256, 128], "model.activation": "relu", "train.batc
              "train.early_stopping": None, "train.lr_schedule": "none"}
 
 
-def load_data() -> tuple[TensorData, object]:
+def load_data() -> tuple[TensorData, JobSpec]:
     spec = load_spec(ROOT / "examples" / "adult.yaml", overrides=OVERRIDES)
     return TensorData.from_prepared(prepare(split_data(spec.data), spec.impute)), spec
 
@@ -66,7 +66,7 @@ def val_pass(model: torch.nn.Module, data: TensorData) -> tuple[float, float]:
 
 
 def manual_epochs(batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                  data: TensorData, spec: object, epochs: int) -> list[float]:
+                  data: TensorData, spec: JobSpec, epochs: int) -> list[float]:
     """A minimal loop: the same model and optimiser as the trainer builds."""
     model = build_model(spec.model, data.input_shape, data.n_outputs, spec.train.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.train.lr,
@@ -85,7 +85,7 @@ def manual_epochs(batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tenso
     return times
 
 
-def handwritten(data: TensorData, spec: object, epochs: int) -> list[float]:
+def handwritten(data: TensorData, spec: JobSpec, epochs: int) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     x, y, bs = data.x_train, data.y_train, spec.train.batch_size
 
@@ -98,13 +98,13 @@ def handwritten(data: TensorData, spec: object, epochs: int) -> list[float]:
     return manual_epochs(batches, data, spec, epochs)
 
 
-def dataloader(data: TensorData, spec: object, epochs: int) -> list[float]:
+def dataloader(data: TensorData, spec: JobSpec, epochs: int) -> list[float]:
     loader = DataLoader(TensorDataset(data.x_train, data.y_train),
                         batch_size=spec.train.batch_size, shuffle=True)
     return manual_epochs(lambda: loader, data, spec, epochs)
 
 
-def trainer(data: TensorData, spec: object, epochs: int) -> list[float]:
+def trainer(data: TensorData, spec: JobSpec, epochs: int) -> list[float]:
     """Wall time between epoch callbacks (the first from the call of ``fit``)."""
     model = build_model(spec.model, data.input_shape, data.n_outputs, spec.train.seed)
     stamps = [CLOCK()]

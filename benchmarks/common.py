@@ -145,6 +145,7 @@ class Probe:
     results: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
     ends: dict[str, float] = field(default_factory=dict)
     cpu_s: float | None = None
+    meter: Any = None
 
     # trial events (called by ProbeCallback / EventCallback in the driver)
     def on_start(self, trial: Any) -> None:
@@ -283,7 +284,8 @@ CPU_PHASES = ("ray_init", "tuner_fit")
 
 def _wrap(probe: Probe, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        c0 = tree_cpu_s() if name in CPU_PHASES else 0.0
+        meter = probe.meter if name in CPU_PHASES else None
+        c0 = meter.seconds() if meter is not None else 0.0
         t0 = time.perf_counter()
         probe.marks.setdefault(f"{name}_start", t0)
         try:
@@ -293,8 +295,8 @@ def _wrap(probe: Probe, name: str, fn: Callable[..., Any]) -> Callable[..., Any]
             probe.phases[name] += t1 - t0
             probe.calls[name] += 1
             probe.marks[f"{name}_end"] = t1
-            if name in CPU_PHASES:
-                probe.phases[f"cpu_{name}"] += tree_cpu_s() - c0
+            if meter is not None:
+                probe.phases[f"cpu_{name}"] += meter.seconds() - c0
 
     wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
     return wrapper
@@ -373,47 +375,100 @@ def timed_sweep(spec: Any, **kwargs: Any) -> tuple[Any, float, Probe]:
     """``run_sweep(spec, quiet=True, **kwargs)`` instrumented; (result, wall_s, probe).
 
     ``probe.cpu_s`` is the CPU time of this process and all its descendants (Ray's GCS,
-    raylet, agents and trial workers) spent during the call."""
+    raylet, agents and trial workers) spent during the call (``CpuMeter``)."""
     from tuning.sweep import run_sweep
 
     probe = Probe()
-    with instrument(probe):
-        c0, t0 = tree_cpu_s(), time.perf_counter()
+    with instrument(probe), CpuMeter() as meter:
+        probe.meter = meter
+        t0 = time.perf_counter()
         result = run_sweep(spec, quiet=True, **kwargs)
         wall = time.perf_counter() - t0
-        probe.cpu_s = tree_cpu_s() - c0
+    probe.cpu_s = meter.seconds()
+    probe.meter = None
     return result, wall, probe
 
 
-def tree_cpu_s(root: int | None = None) -> float:
-    """CPU seconds (user + system, reaped children included) of ``root`` (default: this
-    process) and every live descendant, from /proc. Processes that ended count through
-    their parent's reaped-children times (Ray's raylet reaps its workers).
+def _proc_cpu(pid: int) -> tuple[tuple[int, int], int, list[int]] | None:
+    """((pid, start time), its own user + system CPU ticks, child pids) from /proc.
 
-    On a machine shared with other jobs, wall time inflates with the load while CPU time
-    mostly does not: the ``cpu_*`` numbers are the noise-robust companions of the walls."""
-    root = root or os.getpid()
-    tick = os.sysconf("SC_CLK_TCK")
-    kids: dict[int, list[int]] = defaultdict(list)
-    cpu: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(")") + 2:].split()
-        pid = int(entry)
-        kids[int(rest[1])].append(pid)
-        cpu[pid] = sum(int(x) for x in rest[11:15])
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0)
-        todo.extend(kids.get(pid, []))
-    return total / tick
+    Reaped children's times (cutime) are left out: live children are sampled themselves,
+    and adding both would count them twice."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            data = fh.read()
+        kids: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    kids.extend(int(x) for x in fh.read().split())
+            except OSError:
+                continue
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2:].split()
+    return (pid, int(rest[19])), int(rest[11]) + int(rest[12]), kids
+
+
+class CpuMeter:
+    """CPU seconds spent by a process tree (default: this process and every descendant:
+    Ray's GCS, raylet, agents, trial workers) since the meter started.
+
+    A thread samples the tree every ``interval`` seconds, so processes that end in between
+    (trial workers) still count up to their last sample (their parent cannot be relied on to
+    collect their times: one that ignores SIGCHLD gets none); a process that lives less than
+    ``interval`` may be missed. On a machine shared with
+    other jobs wall time inflates with the load while CPU time mostly does not: the ``cpu_*``
+    numbers are the noise-robust companions of the walls."""
+
+    def __init__(self, root: int | None = None, interval: float = 0.5) -> None:
+        import threading
+
+        self.root = root or os.getpid()
+        self.interval = interval
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._base: dict[tuple[int, int], int] = {}
+        self._last: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> dict[tuple[int, int], int]:
+        seen: dict[tuple[int, int], int] = {}
+        todo = [self.root]
+        while todo:
+            got = _proc_cpu(todo.pop())
+            if got is not None:
+                key, ticks, kids = got
+                seen[key] = ticks
+                todo.extend(kids)
+        return seen
+
+    def seconds(self) -> float:
+        """CPU seconds since the start (takes a fresh sample)."""
+        with self._lock:
+            self._last.update(self._sample())
+            return sum(v - self._base.get(k, 0) for k, v in self._last.items()) / self._tick
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                self._last.update(self._sample())
+
+    def __enter__(self) -> CpuMeter:
+        import threading
+
+        self._base = self._sample()
+        self._last = dict(self._base)
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.seconds()
 
 
 def phases(probe: Probe, wall: float) -> dict[str, float | None]:

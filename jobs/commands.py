@@ -24,7 +24,8 @@ def add_parsers(sub: Any, add_spec: AddSpec) -> None:
     """Register the extra subcommands on the CLI's subparsers."""
     _add_submit(sub, add_spec)
     _add_jobs(sub)
-    # --- retrain, schedule: registered below by their owner -------------------------------
+    # --- retrain, schedule: their _add_* calls go here (jobs/retrain_cli.py, which cli.py
+    # also loads, works as well) ---------------------------------------------------------
 
 
 # --- submit ----------------------------------------------------------------------------

@@ -198,9 +198,10 @@ def warm_configs(cl: Any, spec: Any, limit: int = WARM_START_RUNS) -> list[dict[
 # --- challengers ----------------------------------------------------------------------
 
 
-def sweep_challenger(spec: Any, warm: list[dict[str, Any]], address: str | None,
+def sweep_challenger(spec: Any, cl: Any, warm: list[dict[str, Any]], address: str | None,
                      quiet: bool) -> tuple[str, str, str]:
     """A warm-started sweep, registered; -> (version, parent run id, data fingerprint)."""
+    from tuning.errors import RungwiseError
     from tuning.sweep import run_sweep
 
     tags = {"rungwise.kind": "retrain", "rungwise.retrain": "sweep",
@@ -208,12 +209,8 @@ def sweep_challenger(spec: Any, warm: list[dict[str, Any]], address: str | None,
     result = run_sweep(spec, resume=False, address=address, register=True, tracking=True,
                        quiet=quiet, run_tags=tags, warm_start=warm)
     if result.version is None or result.parent_run_id is None:
-        from tuning.errors import RungwiseError
-
         raise RungwiseError("retrain: the sweep registered no model")
-    from tuning.tracking import client
-
-    run = client(result.tracking_uri).get_run(result.parent_run_id)
+    run = cl.get_run(result.parent_run_id)
     return result.version, result.parent_run_id, run.data.tags.get("rungwise.data_fingerprint", "")
 
 
@@ -263,6 +260,17 @@ def score(uri: str, name: str, alias: str, rows: Any, y: Any, metric: str) -> fl
         return float(bundle.evaluate(rows, y, prefix="test_").get(metric, math.nan))
     except (ValueError, KeyError, IndexError):  # e.g. a column or class it never saw
         return math.nan
+
+
+def holdout(raw: Any) -> tuple[Any, Any]:
+    """The new data's test split as raw rows and raw targets (images: flattened pixels)."""
+    import pandas as pd
+
+    if raw.images is not None:
+        test = raw.images["test"]
+        return pd.DataFrame(test.x.reshape(len(test.x), -1)), test.y
+    target = raw.schema.target
+    return raw.splits.test.drop(columns=[target]), raw.splits.test[target]
 
 
 def _fmt(value: float | None) -> str:
@@ -319,7 +327,7 @@ def _retrain_locked(spec: Any, name: str, address: str | None, quiet: bool) -> R
     blocker, warm = None, []
     if spec.schedule.retrain == "sweep":
         warm = warm_configs(cl, spec)
-        version, run_id, seen = sweep_challenger(spec, warm, address, quiet)
+        version, run_id, seen = sweep_challenger(spec, cl, warm, address, quiet)
         if seen and seen != raw.fingerprint:
             blocker = ("the data changed while the sweep ran (fingerprint "
                        f"{raw.fingerprint} before, {seen} in the sweep); retrain again")
@@ -342,8 +350,7 @@ def _gate(spec: Any, cl: Any, uri: str, name: str, raw: Any,
         raise RungwiseError(f"registry: {name}@challenger is not the new version {version}; "
                             "another process registered a model meanwhile")
     gate = gate_for(spec)
-    target = raw.schema.target
-    rows, y = raw.splits.test.drop(columns=[target]), raw.splits.test[target]
+    rows, y = holdout(raw)
     champion = score(uri, name, "champion", rows, y, gate.metric) if before else None
     d = decide(gate, champion, score(uri, name, "challenger", rows, y, gate.metric),
                first_model=before is None, blocker=blocker)

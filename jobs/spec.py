@@ -215,7 +215,7 @@ class ScheduleSpec(_Strict):
         if v is not None:
             from croniter import croniter
 
-            if not croniter.is_valid(v):
+            if len(v.split()) != 5 or not croniter.is_valid(v):
                 raise ValueError(f"not a valid cron expression: {v!r} "
                                  "(five fields: minute hour day-of-month month day-of-week)")
         return v
@@ -273,15 +273,16 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict; every part but the last must already be a section."""
     parts = path.split(".")
     node: Any = raw
+    unset = False  # an optional section that is null: its keys are checked by validation
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
             if isinstance(node, dict) and part in node and node[part] is None:
-                node[part] = {}
+                node[part], unset = {}, True
             else:
                 raise SpecError(f"{'.'.join(parts[:i + 1])}: no such section in the spec "
                                 f"(setting {path})")
         node = node[part]
-    if parts[-1] not in node:
+    if parts[-1] not in node and not unset:
         allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
         raise SpecError(f"{path}: no such key in the spec; allowed here: {allowed}")
     node[parts[-1]] = value

@@ -136,6 +136,7 @@ def auth_headers() -> dict[str, str]:
     from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
 
     loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # read the sources now, as this call's environment has them
     if loader.has_token(ignore_auth_mode=True):
         return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
     if mode == "token":
@@ -239,6 +240,8 @@ def is_local_uri(uri: str | None) -> bool:
     """True for MLflow stores only this machine sees: None (MLflow's default), sqlite, files."""
     if not uri:
         return True
+    if uri.split(":", 1)[0].lower() in ("databricks", "databricks-uc"):
+        return False
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     return scheme in ("", "file", "sqlite")
 
@@ -273,13 +276,13 @@ def excludes_for(rel_spec: Path) -> list[str]:
 
 def upload_size(root: Path, excludes: list[str]) -> int:
     """Bytes under root that Ray would zip (excludes and root .gitignore/.rayignore applied)."""
-    from pathspec import PathSpec
+    from pathspec import GitIgnoreSpec
 
     lines = list(excludes)
     for name in (".gitignore", ".rayignore"):
         if (root / name).is_file():
             lines += (root / name).read_text(errors="replace").splitlines()
-    ignored = PathSpec.from_lines("gitwildmatch", lines)
+    ignored = GitIgnoreSpec.from_lines(lines)
     total = 0
     for folder, dirs, files in os.walk(root):
         rel = Path(folder).relative_to(root)
@@ -336,17 +339,30 @@ def submit(req: SubmitRequest) -> tuple[Cluster, str]:
     cluster = connect(req.address, req.debug)
     print(f"rungwise: uploading {root} ({size / 2**20:.1f} MiB before zipping) as the job's "
           "working_dir", file=sys.stderr, flush=True)
-    with cluster.errors():
-        job_id = cluster.client.submit_job(
-            entrypoint=entrypoint(req, rel_spec), runtime_env=env,
-            submission_id=submission_id(spec.name, req.command),
-            metadata={"rungwise_spec": rel_spec.as_posix(), "rungwise_command": req.command})
+    job_id = _submit_job(cluster, entrypoint=entrypoint(req, rel_spec), runtime_env=env,
+                         submission_id=submission_id(spec.name, req.command),
+                         metadata={"rungwise_spec": rel_spec.as_posix(),
+                                   "rungwise_command": req.command})
     print(f"submitted: {job_id}", flush=True)
     if note:
         print(note, file=sys.stderr)
     hint = f"rungwise jobs logs {job_id} --follow --address {cluster.url}"
     print(f"rungwise: follow with `{hint}`", file=sys.stderr, flush=True)
     return cluster, job_id
+
+
+def _submit_job(cluster: Cluster, attempts: int = 4, **kwargs: Any) -> str:
+    """submit_job, retried while a just-started head has no job agent yet (HTTP 500)."""
+    with cluster.errors():
+        for attempt in range(1, attempts):
+            try:
+                return str(cluster.client.submit_job(**kwargs))
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc):
+                    raise
+                print("rungwise: the head has no job agent yet; retrying", file=sys.stderr)
+                time.sleep(2.0 * attempt)
+        return str(cluster.client.submit_job(**kwargs))
 
 
 def _warn_outside(data_path: str, root: Path) -> None:

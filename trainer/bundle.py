@@ -78,11 +78,11 @@ class ModelBundle:
         """
         from trainer.loop import evaluate
 
-        y = pd.Series(np.asarray(y), index=rows.index)
         if hasattr(self.preprocessor, "transform_x"):
             x = self.preprocessor.transform_x(_image_array(rows))
             target = self.preprocessor.transform_y(np.asarray(y))
             return evaluate(self.network, x, target, self.task, prefix=prefix)
+        y = pd.Series(np.asarray(y), index=rows.index)
         frame = _as_training_kinds(rows[self.feature_columns], self.preprocessor)
         x, target, _ = self.preprocessor.transform(frame, y, drop_missing=True)
         te = self.preprocessor.target_encoder_

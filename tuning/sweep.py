@@ -26,7 +26,7 @@ from tuning.progress import ProgressCallback
 from tuning.results import best_trial, evaluate_best
 from tuning.space import impute_variants, validate_space, variant_key
 from tuning.strategies import Strategy, build_strategy
-from tuning.trainable import Shared, run_ddp_trial, run_trial
+from tuning.trainable import DRIVER_CPU, Shared, run_ddp_trial, run_trial
 from tuning.tracking import RunLogger, check_reachable, resolve_tracking_uri
 
 STATE_FILE = "rungwise-sweep.json"
@@ -82,9 +82,22 @@ def _trainable(spec: Any, shared: Shared) -> Any:
     if res.workers_per_trial > 1:
         shared.spec = shared.spec.with_overrides({"resources.gpus_per_worker": gpus})
         return tune.with_resources(tune.with_parameters(run_ddp_trial, shared=shared),
-                                   {"CPU": 0.01})
+                                   {"CPU": DRIVER_CPU})
     return tune.with_resources(tune.with_parameters(run_trial, shared=shared),
                                {"CPU": res.cpus_per_worker, "GPU": gpus})
+
+
+def _check_fits(res: Any, gpus: float) -> None:
+    """A trial larger than the whole cluster would wait forever: say so before it starts."""
+    have = ray.cluster_resources()
+    need_cpu = res.workers_per_trial * res.cpus_per_worker
+    need_gpu = res.workers_per_trial * gpus
+    if need_cpu > have.get("CPU", 0) + 1e-6 or need_gpu > have.get("GPU", 0) + 1e-6:
+        raise RungwiseError(
+            f"resources: one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
+            f"({res.workers_per_trial} workers), but the Ray cluster has "
+            f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower "
+            "resources.workers_per_trial / cpus_per_worker / gpus_per_worker")
 
 
 def _gpus(value: str | float) -> float:
@@ -146,6 +159,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     path, state = _paths(spec, resume)
     raw = split_data(spec.data)
     init_ray(address)
+    _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
     refs, local = share_data(spec, raw)
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
                     checkpoint_every=strategy.checkpoint_every, storage_path=str(path.parent))

@@ -26,6 +26,8 @@ from tuning.space import decode_config, variant_key
 
 CKPT_FILE = "checkpoint.pt"
 WORST = {"min": 1e9, "max": -1e9}
+DRIVER_CPU = 0.01
+"""CPU held by the Tune trial that drives a multi-worker Ray Train run (0 is refused)."""
 FAULT_ENV = "RUNGWISE_TEST_FAULT"
 """Test-only hook: ``crash:<rate>:<epoch>`` or ``diverge`` (see tests/reliability)."""
 
@@ -122,7 +124,10 @@ def run_ddp_trial(config: dict[str, Any], shared: Shared) -> None:
     spec, _ = trial_spec(shared, config)
     res = spec.resources
     gpus = float(res.gpus_per_worker) if res.gpus_per_worker != "auto" else 0.0
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    # the trial's own driver holds DRIVER_CPU: take it off the workers so that a trial that
+    # asks for the whole machine (2 workers x 1 CPU on 2 cores) still fits
+    per_worker = {"CPU": res.cpus_per_worker * (1 - DRIVER_CPU),
+                  **({"GPU": gpus} if gpus else {})}
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker=ddp_worker,

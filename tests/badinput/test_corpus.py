@@ -1,11 +1,16 @@
 """The bad-input corpus through the real command line: one line on stderr, exit code 2.
 
-Every spec in ``specs/`` and every data file in ``data/`` runs as
-``python -m jobs inspect SPEC`` in its own process (``inspect`` needs neither Ray nor MLflow).
-Each must exit with code 2 and print exactly one line, ``rungwise: error: ...``, naming what
-is wrong (the ``# expect:`` line of a spec, ``DATA_CASES`` for a data file), without a
-traceback; ``--debug`` brings the traceback back. A few run as ``train`` against a fresh
-SQLite store, which must stay empty: specs and data are checked before MLflow is touched.
+Every spec in ``specs/`` and every data file in ``data/`` runs as ``python -m jobs inspect
+SPEC`` in its own process (``inspect`` needs neither Ray nor MLflow). Each must exit with
+code 2 and print exactly one line, ``rungwise: error: ...``, naming what is wrong (the
+``# expect:`` line of a spec, ``DATA_CASES`` for a data file), without a traceback;
+``--debug`` brings the traceback back. A few run as ``train`` against a fresh SQLite store,
+which must stay empty: specs and data are checked before MLflow is touched.
+
+Over a hundred cold interpreters cost minutes of CPU, so the corpus runs through
+``warm_cli.py``: one interpreter that has imported what ``inspect`` imports forks a process
+per command line. ``test_warm_runner_matches_the_real_cli`` runs a sample both ways and
+requires the same exit code and stderr; the ``--debug`` and ``train`` cases always run cold.
 
 The generated files come from ``make_corpus.py``; ``test_generator_reproduces_corpus``
 keeps the two in step.
@@ -14,6 +19,7 @@ keeps the two in step.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -70,13 +76,17 @@ DATA_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "utf16.csv": ({}, "data.path: cannot read"),
 }
 
-# Run as `train` too, against a fresh SQLite store that must get no run.
-TRAIN_SPECS = ("tracking_artifact_location.yaml", "yaml_bomb.yaml", "model_hiden.yaml")
-TRAIN_DATA = ("target_all_missing.csv", "latin1.csv", "nested_list.parquet",
-              "huge_categorical.csv.gz")
-# Run with --debug: the traceback is shown.
+# Run as `train` too (cold), against a fresh SQLite store that must get no run.
+TRAIN_SPECS = ("tracking_artifact_location.yaml", "yaml_bomb.yaml")
+TRAIN_DATA = ("target_all_missing.csv", "nested_list.parquet")
+# Run with --debug (cold): the traceback is shown.
 DEBUG_SPECS = ("model_hiden.yaml", "yaml_bomb.yaml")
 DEBUG_DATA = ("semicolon.csv", "nested_list.parquet")
+# Run cold as well as warm: both must give the same exit code and stderr.
+PARITY = ("spec/model_hiden.yaml", "spec/yaml_python_object.yaml", "spec/empty.yaml",
+          "spec/latin1_spec.yaml", "spec/tune_space_loguniform_zero.yaml",
+          "data/latin1.csv", "data/nested_list.parquet", "data/huge_categorical.csv.gz",
+          "data/no_xy.npz")
 
 
 @dataclass(frozen=True)
@@ -206,19 +216,37 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory,
-             workdir: Path) -> Iterator[dict[str, Outcome]]:
-    """Run every case once (``WORKERS`` processes at a time); tests then read the results."""
-    cases = all_cases(tmp_path_factory.mktemp("data-specs"))
-    t0 = time.perf_counter()
+def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
+    return {c.id: c for c in all_cases(tmp_path_factory.mktemp("data-specs"))}
+
+
+def run_cold(todo: list[Case], cwd: Path, env: dict[str, str] | None = None,
+             store: Path | None = None) -> dict[str, Outcome]:
+    """Each case as ``python -m jobs ...`` from scratch, ``WORKERS`` at a time."""
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        results = dict(zip([c.id for c in cases],
-                           pool.map(lambda c: run_cli(case_args(c), workdir), cases),
-                           strict=True))
-    wall = time.perf_counter() - t0
+        outs = pool.map(lambda c: run_cli(case_args(c, store), cwd, env), todo)
+        return dict(zip([c.id for c in todo], outs, strict=True))
+
+
+def run_warm(todo: list[Case], cwd: Path) -> dict[str, Outcome]:
+    """Each case in a process forked from one warm interpreter (see warm_cli.py)."""
+    requests = [{"id": c.id, "args": case_args(c), "cwd": str(cwd)} for c in todo]
+    proc = subprocess.run([sys.executable, str(HERE / "warm_cli.py"), str(WORKERS)],
+                          input=json.dumps(requests), capture_output=True, text=True,
+                          env=cli_env(), cwd=cwd, timeout=TIMEOUT_S * 4, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {k: Outcome(**v) for k, v in json.loads(proc.stdout).items()}
+
+
+@pytest.fixture(scope="module")
+def outcomes(cases: dict[str, Case], workdir: Path) -> Iterator[dict[str, Outcome]]:
+    """Run every case once; the tests then read the results."""
+    t0 = time.perf_counter()
+    runner = run_warm if hasattr(os, "fork") else run_cold
+    results = runner(list(cases.values()), workdir)
     slowest = max(results.items(), key=lambda kv: kv[1].seconds)
-    print(f"\ncorpus: {len(cases)} commands in {wall:.1f} s with {WORKERS} workers; "
-          f"slowest {slowest[0]} {slowest[1].seconds:.1f} s")
+    print(f"\ncorpus: {len(cases)} commands ({runner.__name__}, {WORKERS} at a time) in "
+          f"{time.perf_counter() - t0:.1f} s; slowest {slowest[0]} {slowest[1].seconds:.1f} s")
     yield results
 
 
@@ -243,6 +271,14 @@ def test_inspect_refuses_with_one_line(outcomes: dict[str, Outcome], case_id: st
     else:
         expect = DATA_CASES[case_id.removeprefix("data/")][1]
     assert_one_line_error(out, expect)
+
+
+def test_warm_runner_matches_the_real_cli(outcomes: dict[str, Outcome],
+                                         cases: dict[str, Case], workdir: Path) -> None:
+    cold = run_cold([cases[i] for i in PARITY], workdir)
+    for case_id, out in cold.items():
+        warm = outcomes[case_id]
+        assert (warm.rc, warm.stderr, warm.stdout) == (out.rc, out.stderr, out.stdout), case_id
 
 
 def test_nothing_was_executed_or_written(outcomes: dict[str, Outcome], workdir: Path) -> None:
@@ -293,8 +329,7 @@ def _debug_cases(tmp_path: Path) -> list[Case]:
 
 def test_debug_shows_the_traceback(workdir: Path, tmp_path: Path) -> None:
     cases = _debug_cases(tmp_path)
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        outs = list(pool.map(lambda c: run_cli(case_args(c), workdir), cases))
+    outs = run_cold(cases, workdir).values()
     for case, out in zip(cases, outs, strict=True):
         assert out.rc != 0, case.id
         assert "Traceback (most recent call last)" in out.stderr, (case.id, out.stderr[-1000:])
@@ -331,8 +366,7 @@ def test_train_refuses_before_touching_mlflow(tmp_path: Path) -> None:
     cwd.mkdir()
     set_store, env_store = tmp_path / "set.db", tmp_path / "env.db"
     env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{env_store}")
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        outs = list(pool.map(lambda c: run_cli(case_args(c, set_store), cwd, env), cases))
+    outs = run_cold(cases, cwd, env, set_store).values()
     for case, out in zip(cases, outs, strict=True):
         assert_one_line_error(out, case.expect)
     for store in (set_store, env_store, cwd / "mlflow.db"):

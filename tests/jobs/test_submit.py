@@ -1,11 +1,12 @@
-"""`rungwise submit` and `rungwise jobs` against a real Ray head with token authentication.
+"""`rungwise submit` and `rungwise jobs`: fast checks of what is shipped, then a real Ray head.
 
-The module starts its own head (`ray start --head --block`) on free ports of 127.0.0.1 with its
-own --temp-dir and its own HOME, whose ~/.ray/auth_token turns token authentication on, as on a
-user's machine. The CLI runs in subprocesses with that HOME and no RAY_AUTH_* variables: the
-token file is all it has. Teardown stops only this head: the `ray start --block` process shuts
-down what it started, then anything left whose command line or working directory lies in the
-head's temp dir is killed (`ray stop` would also kill the session's other Ray instance).
+The slow tests (marked slow and ray) share a module fixture that starts its own head
+(`ray start --head --block`) on free ports of 127.0.0.1, with its own --temp-dir and its own
+HOME, whose ~/.ray/auth_token turns token authentication on, as on a user's machine. The CLI
+runs in subprocesses with that HOME and no RAY_AUTH_* variables: the token file is all it has.
+Teardown stops only this head: the `ray start --block` process shuts down what it started, then
+anything left whose command line or working directory lies in the head's temp dir is killed
+(`ray stop` would also kill the session's other Ray instance).
 """
 
 from __future__ import annotations
@@ -26,13 +27,108 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+from jobs.cli import UserError
+from jobs.submit import (
+    SubmitRequest,
+    auth_headers,
+    entrypoint,
+    excludes_for,
+    is_local_uri,
+    project_root,
+    resolve_address,
+    upload_size,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "tests/jobs/tiny_adult.yaml"
 EXPERIMENT = "rungwise-submit-test"
 VENV_BIN = Path(sys.executable).parent
 OUTPUTS: list[str] = []  # every CLI output, checked for the token
+
+
+# --- fast: what is shipped, how the cluster is addressed ------------------------------------
+
+
+@pytest.mark.parametrize(("uri", "local"), [
+    (None, True), ("mlflow.db", True), ("/abs/mlruns", True), ("file:///tmp/mlruns", True),
+    ("sqlite:///mlflow.db", True), ("SQLITE:////abs/mlflow.db", True),
+    ("http://mlflow:5000", False), ("https://mlflow.example.com", False),
+    ("databricks", False), ("postgresql://u@db/mlflow", False)])
+def test_is_local_uri(uri: str | None, local: bool) -> None:
+    assert is_local_uri(uri) is local
+
+
+def test_entrypoint_quotes_overrides_and_names_the_spec_relative() -> None:
+    req = SubmitRequest(spec="x.yaml", command="tune", overrides=["model.hidden=[64, 32]"],
+                        python="/opt/py env/bin/python", args=["--no-register"])
+    assert entrypoint(req, Path("examples/adult.yaml")) == (
+        "'/opt/py env/bin/python' -m jobs tune examples/adult.yaml "
+        "--set 'model.hidden=[64, 32]' --no-register")
+
+
+def test_excludes_keep_the_spec_itself() -> None:
+    assert "tests" in excludes_for(Path("examples/adult.yaml"))
+    kept = excludes_for(Path("tests/jobs/tiny_adult.yaml"))
+    assert "tests" not in kept and ".venv" in kept
+
+
+def test_project_root_and_upload_size(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "a.yaml").write_bytes(b"x" * 100)
+    for junk in (".venv/lib/big.bin", "mlruns/0/m", "build/out.bin", "pkg/__pycache__/m.pyc"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_bytes(b"y" * 10_000)
+    (tmp_path / ".gitignore").write_text("build/\n")
+    assert project_root(tmp_path / "specs" / "a.yaml") == tmp_path
+    size = upload_size(tmp_path, excludes_for(Path("specs/a.yaml")))
+    assert size == 100 + len("[project]\nname='x'\n") + len("build/\n")
+    (tmp_path / "pyproject.toml").unlink()
+    assert project_root(tmp_path / "specs" / "a.yaml") == tmp_path / "specs"
+
+
+def test_resolve_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="--address http://HEAD:8265 or set RAY_ADDRESS"):
+        resolve_address(None)
+    assert resolve_address("10.0.0.5:8265/") == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "https://ray.example.com")
+    assert resolve_address(None) == "https://ray.example.com"
+    with pytest.raises(UserError, match="dashboard URL"):
+        resolve_address("ray://head:10001")
+
+
+def test_auth_headers_follow_rays_token_sources(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        assert auth_headers() == {}  # no token anywhere: nothing sent
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("from-the-file\n")
+        assert auth_headers() == {"authorization": "Bearer from-the-file"}
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-env")
+        assert auth_headers() == {"authorization": "Bearer from-the-env"}
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        assert auth_headers() == {}
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+        with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH=.*cannot be read"):
+            auth_headers()
+        monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+        (tmp_path / ".ray" / "auth_token").unlink()
+        with pytest.raises(UserError, match="RAY_AUTH_MODE=token but no Ray token"):
+            auth_headers()
+    finally:
+        monkeypatch.undo()
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+        AuthenticationTokenLoader.instance().reset_cache()  # the real sources again
+
+
+# --- slow: a real head --------------------------------------------------------------------
 
 
 @dataclass
@@ -93,7 +189,7 @@ def _wait_job_server(address: str, token: str, proc: subprocess.Popen[bytes], lo
         try:
             r = requests.get(f"{address}/api/jobs/", timeout=5,
                              headers={"Authorization": f"Bearer {token}"})
-            if r.status_code == 200:
+            if r.status_code == 200 and "Ray runtime started" in log.read_text():
                 return
         except requests.RequestException:
             pass
@@ -126,6 +222,9 @@ def _signal(pids: list[int], sig: int) -> None:
 
 
 def _stop_head(proc: subprocess.Popen[bytes], temp_dir: Path) -> None:
+    if proc.poll() is not None:  # shown with a failing test: who took the head down?
+        print(f"the test head exited early ({proc.returncode}):\n"
+              f"{(temp_dir / 'ray-start.log').read_text()[-3000:]}")
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -207,6 +306,8 @@ def _runs(uri: str) -> list[object]:
 # --- (a) submissions that run --------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_cluster_enforces_the_token(head: Head) -> None:
     import requests
 
@@ -219,6 +320,8 @@ def test_cluster_enforces_the_token(head: Head) -> None:
                     "refused this machine's token")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_submit_inspect_then_logs_status_list(head: Head) -> None:
     out = rungwise(head, "submit", SPEC, "--address", head.address, "--command", "inspect")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -238,6 +341,8 @@ def test_submit_inspect_then_logs_status_list(head: Head) -> None:
     assert "SUCCEEDED" in row and "-m jobs inspect tests/jobs/tiny_adult.yaml" in row
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_submit_with_ray_address_env_and_stop(head: Head) -> None:
     env = {**head.env, "RAY_ADDRESS": head.address}
     out = rungwise(head, "submit", SPEC, "--command", "inspect", "--no-wait", env=env)
@@ -255,6 +360,8 @@ def test_submit_with_ray_address_env_and_stop(head: Head) -> None:
     assert "STOPPED" in status or "SUCCEEDED" in status  # it may finish before the stop lands
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_submit_runs_and_tracks(head: Head, command: str, tmp_path: Path) -> None:
     _needs(f"jobs.{command}")
@@ -271,6 +378,8 @@ def test_submit_runs_and_tracks(head: Head, command: str, tmp_path: Path) -> Non
 # --- (b)-(e) refusals and errors -----------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_local_tracking_and_bad_spec_are_refused_before_submitting(head: Head) -> None:
     before = _job_ids(head)
     out = rungwise(head, "submit", SPEC, "--address", head.address, "--command", "train")
@@ -285,6 +394,8 @@ def test_local_tracking_and_bad_spec_are_refused_before_submitting(head: Head) -
     assert _job_ids(head) == before
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_unreachable_address(head: Head) -> None:
     (port,) = _free_ports(1)
     address = f"http://127.0.0.1:{port}"
@@ -294,15 +405,22 @@ def test_unreachable_address(head: Head) -> None:
     _one_line_error(rungwise(head, "jobs", "list"), "--address", "RAY_ADDRESS")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("action", ["status", "logs", "stop"])
 def test_unknown_job_id(head: Head, action: str) -> None:
     out = rungwise(head, "jobs", action, "raysubmit_nosuchjob", "--address", head.address)
     _one_line_error(out, "raysubmit_nosuchjob", "jobs list")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_token_never_printed(head: Head) -> None:
     token = (Path(head.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
     debug = rungwise(head, "--debug", "jobs", "status", "nosuchjob", "--address", head.address)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     assert len(OUTPUTS) > 5
     assert not [o for o in OUTPUTS if token in o]
+    users = Path(os.path.expanduser("~")) / ".ray" / "auth_token"  # this machine's, if any
+    if users.is_file() and users.read_text().strip():
+        assert not [o for o in OUTPUTS if users.read_text().strip() in o]
