@@ -1,4 +1,4 @@
-"""The `rungwise` command line: inspect | train | tune | predict | retrain | schedule | submit | jobs.
+"""The `rungwise` command line: inspect, train, tune, predict, retrain, schedule, submit, jobs.
 
 Every user error is one line on stderr and exit code 2; ``--debug`` shows the traceback.
 Heavy imports (torch, ray, mlflow) happen inside the commands that need them.
@@ -26,6 +26,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, SpecError, DataError]
     for mod, name in (("trainer.impute", "MissingAtPredictionError"),
                       ("trainer.loop", "DivergedError"),
+                      ("trainer.run", "OutOfMemory"),
                       ("tuning.errors", "RungwiseError")):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):

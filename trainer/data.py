@@ -138,7 +138,8 @@ def _clean(df: pd.DataFrame, na_values: list[str], path: str = "") -> pd.DataFra
             s = s.astype("str").where(s.notna()).str.strip()
         except UnicodeDecodeError as exc:
             raise DataError(f"data.path: column {col!r} of {path} is not UTF-8 text "
-                            f"(byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
+                            f"(byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8"
+                            ) from None
         if na_values:
             s = s.mask(s.isin(na_values))
         numeric = pd.to_numeric(s, errors="coerce")

@@ -17,6 +17,29 @@ from trainer.models import build_model
 from trainer.pipeline import Prepared
 
 
+class OutOfMemory(RuntimeError):
+    """A model or batch that does not fit in memory; the one-line message says which."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text
+                                           or "out of memory" in text))
+
+
+def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int) -> OutOfMemory:
+    """Name the likely cause: the model's size, else the batch size."""
+    hidden = list(getattr(model_spec, "hidden", []))
+    sizes = [n_inputs, *hidden]
+    params = sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
+    where = (f"model.hidden={hidden} needs about {params * 4 / 2**30:.1f} GiB for its weights"
+             if params * 4 > 2**30 else
+             f"train.batch_size={train_spec.batch_size} is the likely cause")
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return OutOfMemory(f"out of memory: {where}; lower it and retry ({first})")
+
+
 @dataclass
 class RunResult:
     fit: FitResult
@@ -57,9 +80,14 @@ def train_run(model_spec: Any, train_spec: Any, prepared: Prepared,
               checkpoint_every: int = 0) -> RunResult:
     """Build, fit (restoring the best epoch), evaluate on the test split, bundle."""
     data = tensors_of(prepared)
-    net = new_model(model_spec, prepared, seed=train_spec.seed)
-    result = fit(net, data, train_spec, on_epoch=on_epoch, checkpoint=checkpoint,
-                 checkpoint_every=checkpoint_every)
+    try:
+        net = new_model(model_spec, prepared, seed=train_spec.seed)
+        result = fit(net, data, train_spec, on_epoch=on_epoch, checkpoint=checkpoint,
+                     checkpoint_every=checkpoint_every)
+    except Exception as exc:
+        if is_oom(exc):
+            raise explain_oom(exc, model_spec, train_spec, int(data.x_train[0].numel())) from None
+        raise
     metrics = test_metrics(result.model, data)
     return RunResult(fit=result, test_metrics=metrics,
                      bundle=make_bundle(model_spec, prepared, result.model, metrics))

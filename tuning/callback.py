@@ -94,28 +94,33 @@ class SweepTracker:
 
     # --- Tune events (through MlflowSweepCallback) -------------------------------------
     def on_trial_start(self, trial: Any) -> None:
+        """Every MLflow write goes through the logger's thread, so a slow or absent server
+        never blocks Tune's event loop; later writes find the run id when they run."""
         tid = trial.trial_id
         if tid in self.runs:
             run_id = self.runs[tid]
             self.logger.submit(lambda c: c.update_run(run_id, status="RUNNING"))
             return
-        run = self.logger.client.create_run(
-            self.exp, run_name=f"trial-{tid}",
-            tags={"mlflow.parentRunId": self.parent, TRIAL_TAG: tid, STATUS_TAG: "running"})
-        run_id = self.runs[tid] = run.info.run_id
         params = mask_secrets({k: str(v) for k, v in decode_config(trial.config).items()})
-        from tuning.tracking import params_of
 
-        self.logger.submit(lambda c: c.log_batch(run_id, params=params_of(params)))
+        def create(c: Any) -> None:
+            from tuning.tracking import params_of
+
+            if tid not in self.runs:
+                run = c.create_run(self.exp, run_name=f"trial-{tid}", tags={
+                    "mlflow.parentRunId": self.parent, TRIAL_TAG: tid, STATUS_TAG: "running"})
+                self.runs[tid] = run.info.run_id
+            c.log_batch(self.runs[tid], params=params_of(params))
+
+        self.logger.submit(create)
 
     def on_trial_result(self, trial: Any, result: dict[str, Any]) -> None:
         tid, epoch = trial.trial_id, int(result.get("epoch", 0) or 0)
-        run_id = self.runs.get(tid)
-        if run_id is None or epoch <= self.logged_step.get(tid, 0):
+        if epoch <= self.logged_step.get(tid, 0):
             return
         self.logged_step[tid] = epoch
         values = {k: result[k] for k in METRIC_KEYS if k in result}
-        self.logger.metrics(run_id, values, epoch)
+        self.logger.metrics(lambda: self.runs.get(tid), values, epoch)
         if "val_loss" in result:
             self.curves.setdefault(tid, []).append((epoch, float(result["val_loss"])))
 
@@ -154,14 +159,17 @@ class SweepTracker:
 
     def _end(self, trial: Any, status: str, outcome: str, tags: dict[str, str]) -> None:
         tid = trial.trial_id
-        run_id = self.runs.get(tid)
         self.outcomes[tid] = {"status": outcome, **tags}
-        if run_id is None:
-            return
         all_tags = {STATUS_TAG: outcome, **tags}
         end = int(time.time() * 1000)
 
         def write(c: Any) -> None:
+            run_id = self.runs.get(tid)
+            if run_id is None:
+                return
+            lost = self.logger.lost.get(run_id)
+            if lost:
+                all_tags["rungwise.lost_metrics"] = f"{lost} values could not be sent"
             for key, value in all_tags.items():
                 c.set_tag(run_id, key, value[:5000])
             c.set_terminated(run_id, status, end_time=end)
@@ -170,10 +178,14 @@ class SweepTracker:
 
     def end_all(self, status: str = "KILLED") -> None:
         """Mark every child still open (the sweep ended before them) with ``status``."""
-        for tid, run_id in self.runs.items():
-            if tid not in self.outcomes:
-                self.logger.submit(lambda c, r=run_id: (
-                    c.set_tag(r, STATUS_TAG, status.lower()), c.set_terminated(r, status)))
+        def write(c: Any) -> None:
+            for tid, run_id in list(self.runs.items()):
+                if tid not in self.outcomes:
+                    c.set_tag(run_id, STATUS_TAG, status.lower())
+                    c.set_terminated(run_id, status)
+
+        self.logger.submit(write)
+        self.logger.flush()
 
 
 def _error_text(trial: Any) -> str:

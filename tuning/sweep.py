@@ -26,8 +26,8 @@ from tuning.progress import ProgressCallback
 from tuning.results import best_trial, evaluate_best
 from tuning.space import impute_variants, validate_space, variant_key
 from tuning.strategies import Strategy, build_strategy
-from tuning.trainable import DRIVER_CPU, Shared, run_ddp_trial, run_trial
 from tuning.tracking import RunLogger, check_reachable, resolve_tracking_uri
+from tuning.trainable import DRIVER_CPU, Shared, run_ddp_trial, run_trial
 
 STATE_FILE = "rungwise-sweep.json"
 

@@ -130,10 +130,11 @@ class RunLogger:
     that go out in ``log_batch`` calls of at most 1,000. ``close()`` flushes and waits.
     """
 
-    def __init__(self, uri: str, retries: int = 5, backoff_s: float = 1.0) -> None:
+    def __init__(self, uri: str, retry_window_s: float = 180.0, backoff_s: float = 1.0
+                 ) -> None:
         self.client = client(uri)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._retries, self._backoff = retries, backoff_s
+        self._window, self._backoff = retry_window_s, backoff_s
         self.lost: dict[str, int] = {}
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._work, name="rungwise-mlflow", daemon=True)
@@ -142,15 +143,17 @@ class RunLogger:
     def submit(self, fn: Callable[[Any], Any]) -> None:
         self._queue.put(("call", fn))
 
-    def metrics(self, run_id: str, values: dict[str, Any], step: int) -> None:
-        self._queue.put(("metrics", (run_id, metrics_of(values, step))))
+    def metrics(self, run: str | Callable[[], str | None], values: dict[str, Any],
+                step: int) -> None:
+        """``run`` is a run id, or a callable giving it once the run exists."""
+        self._queue.put(("metrics", (run, metrics_of(values, step))))
 
     def flush(self, timeout: float = 120.0) -> None:
         done = threading.Event()
         self._queue.put(("flush", done))
         done.wait(timeout)
 
-    def close(self, timeout: float = 120.0) -> None:
+    def close(self, timeout: float = 300.0) -> None:
         self.flush(timeout)
         self._queue.put(("stop", None))
         self._thread.join(timeout)
@@ -164,14 +167,18 @@ class RunLogger:
                 self._send_metrics(pending)
                 continue
             if kind == "metrics":
-                run_id, ms = item
+                run, ms = item
+                run_id = run() if callable(run) else run
+                if run_id is None:  # its run could not be created: count the loss
+                    self.lost["?"] = self.lost.get("?", 0) + len(ms)
+                    continue
                 pending.setdefault(run_id, []).extend(ms)
                 if sum(len(v) for v in pending.values()) >= MAX_BATCH:
                     self._send_metrics(pending)
                 continue
             self._send_metrics(pending)  # keep the order: metrics before later calls
             if kind == "call":
-                self._retry(lambda: item(self.client), what="call")
+                self._retry(lambda fn=item: fn(self.client), what="call")
             elif kind == "flush":
                 item.set()
             elif kind == "stop":
@@ -188,16 +195,18 @@ class RunLogger:
         pending.clear()
 
     def _retry(self, fn: Callable[[], Any], what: str) -> bool:
-        delay = self._backoff
-        for attempt in range(self._retries + 1):
+        """Retry for up to the retry window (a server restart, a network blip), then give
+        up on this write, count it, and go on: training never waits for MLflow."""
+        delay, deadline, attempt = self._backoff, time.monotonic() + self._window, 0
+        while True:
+            attempt += 1
             try:
                 fn()
                 return True
-            except Exception as exc:  # network, server restarts: retry, then count the loss
-                if attempt == self._retries:
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
                     self.errors.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
-                    log.warning("MLflow %s failed after %d tries: %s", what, attempt + 1, exc)
+                    log.warning("MLflow %s failed after %d tries: %s", what, attempt, exc)
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
-        return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ray import tune
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.loop import DivergedError, fit
 from trainer.pipeline import Prepared, prepare
-from trainer.run import new_model, tensors_of
+from trainer.run import explain_oom, is_oom, new_model, tensors_of
 from tuning.space import decode_config, variant_key
 
 CKPT_FILE = "checkpoint.pt"
@@ -80,6 +81,18 @@ def _restore(spec: Any) -> dict[str, Any] | None:
 
 def run_trial(config: dict[str, Any], shared: Shared) -> None:
     """The Tune function trainable for a single-process trial."""
+    try:
+        _run_trial(config, shared)
+    except Exception as exc:
+        if is_oom(exc):
+            spec, _ = trial_spec(shared, config)
+            n_inputs = int(ray.get(next(iter(shared.prepared.values()))).x_train[0].size) \
+                if shared.prepared else 0
+            raise explain_oom(exc, spec.model, spec.train, n_inputs) from None
+        raise
+
+
+def _run_trial(config: dict[str, Any], shared: Shared) -> None:
     spec, overrides = trial_spec(shared, config)
     torch.set_num_threads(spec.train.threads)
     prepared = get_prepared(shared, spec, overrides)
@@ -182,17 +195,22 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _fault_hook(config: dict[str, Any]) -> Any:
-    """Inject a crash in a chosen share of trials; only when the test hook env var is set."""
+    """Test-only fault injection, off unless ``RUNGWISE_TEST_FAULT`` is set in the trial's
+    environment: ``crash:RATE:EPOCH[:always]`` crashes the share RATE of trials (chosen by
+    a hash of the trial id) at EPOCH, once (then the retry succeeds) or on every attempt."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec.startswith("crash:"):
         return lambda epoch: None
-    _, rate, at = spec.split(":")
-    marker = Path(tempfile.gettempdir()) / f"rungwise-fault-{tune.get_context().get_trial_id()}"
-    chosen = (hash(tune.get_context().get_trial_id()) % 100) < float(rate) * 100
+    _, rate, at, *mode = spec.split(":")
+    trial_id = tune.get_context().get_trial_id()
+    marker = Path(os.environ.get("RUNGWISE_TEST_FAULT_DIR", tempfile.gettempdir())) / (
+        f"rungwise-fault-{trial_id}")
+    chosen = zlib.crc32(trial_id.encode()) % 100 < float(rate) * 100
+    always = mode == ["always"]
 
     def hook(epoch: int) -> None:
-        if chosen and epoch == int(at) and not marker.exists():
-            marker.write_text("crashed once")
+        if chosen and epoch == int(at) and (always or not marker.exists()):
+            marker.write_text("crashed")
             raise RuntimeError(f"injected fault at epoch {epoch} (test hook)")
 
     return hook
