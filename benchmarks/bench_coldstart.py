@@ -54,10 +54,12 @@ IMPORTS = [("jobs_cli", "import jobs.cli"), ("torch", "import torch"),
            ("tuning_sweep", "import tuning.sweep")]
 IMPORT_SNIPPET = (
     "import json, time\n"
-    "t = time.perf_counter(); out = {}\n"
-    + "".join(f"{stmt}\nout[{name!r}] = time.perf_counter() - t; t = time.perf_counter()\n"
+    "t, c = time.perf_counter(), time.process_time(); out, cpu = {}, {}\n"
+    + "".join(f"{stmt}\nout[{name!r}] = time.perf_counter() - t\n"
+              f"cpu[{name!r}] = time.process_time() - c\n"
+              "t, c = time.perf_counter(), time.process_time()\n"
               for name, stmt in IMPORTS)
-    + "print(json.dumps(out))\n")
+    + "print(json.dumps([out, cpu]))\n")
 
 
 def child_env(tmp: Path) -> dict[str, str]:
@@ -81,8 +83,9 @@ def imports(tmp: Path) -> dict[str, Any]:
     out = subprocess.run([PY, "-c", IMPORT_SNIPPET], check=True, capture_output=True,
                          text=True, cwd=tmp, env=child_env(tmp))
     wall = time.perf_counter() - t0
-    times = json.loads(out.stdout.strip().splitlines()[-1])
+    times, cpu = json.loads(out.stdout.strip().splitlines()[-1])
     return {**{f"{k}_s": r(v) for k, v in times.items()}, "total_s": r(sum(times.values())),
+            "total_cpu_s": r(sum(cpu.values())), "cpu": {f"{k}_s": r(v) for k, v in cpu.items()},
             "process_wall_s": r(wall)}
 
 
@@ -109,11 +112,12 @@ def child(tmp: Path) -> None:
     t_start = time.perf_counter()
     common.json_stdout()
     ph: dict[str, float] = {}
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     for name, stmt in IMPORTS:
         exec(stmt, {})  # noqa: S102 - fixed import statements
         ph[f"import_{name}"] = time.perf_counter() - t
         t = time.perf_counter()
+    ph["imports_cpu"] = time.process_time() - c0
     common.quiet()
     os.chdir(tmp)
     from jobs.spec import load_spec
@@ -123,9 +127,10 @@ def child(tmp: Path) -> None:
     spec = load_spec(ADULT, overrides=OVERRIDES)
     ph["spec_load"] = time.perf_counter() - t
     uri = resolve_tracking_uri(spec.tracking.uri)  # sqlite:///<tmp>/mlflow.db, absolute
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     client(uri).search_experiments(max_results=1)
     ph["mlflow_db_create"] = time.perf_counter() - t
+    ph["mlflow_db_create_cpu"] = time.process_time() - c
     variants = len(__import__("tuning.space", fromlist=["x"]).impute_variants(spec) or [])
     t_sweep = time.perf_counter()
     _, wall, probe = common.timed_sweep(spec)
@@ -240,6 +245,7 @@ def main() -> None:
     out["checks"] = [
         check("coldstart.cli_to_first_epoch_s", out["cli"]["to_first_epoch_s"]),
         check("coldstart.imports_s", out["imports"]["total_s"]),
+        check("coldstart.imports_cpu_s", out["imports"]["total_cpu_s"]),
         check("coldstart.ray_init_s", sw.get("ray_init_s")),
         check("coldstart.mlflow_db_create_s", out["phases"]["mlflow_db_create_s"]),
         check("coldstart.tuner_fit_to_first_epoch_s",

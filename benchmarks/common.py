@@ -164,6 +164,13 @@ class Probe:
     def on_end(self, trial: Any) -> None:
         self.ends[trial.trial_id] = time.perf_counter()
 
+    def on_checkpoint(self, trial: Any) -> None:
+        """Tune registers a reported checkpoint after the result it came with."""
+        for _, tid, res in reversed(self.results):
+            if tid == trial.trial_id:
+                res["_ckpt"] = True
+                break
+
     # derived numbers
     def epochs_by_trial(self) -> dict[str, int]:
         """Reported epochs per trial (a diverged trial's last report is the epoch that
@@ -188,11 +195,13 @@ class Probe:
             by[tid].append((t, res))
         train_sum = sum(float(res.get("epoch_time_s") or 0.0) for _, _, res in self.results)
         gaps, launch = [], []
+        after_ckpt: dict[bool, list[float]] = {True: [], False: []}
         for tid, rows in by.items():
             rows.sort(key=lambda x: x[0])
-            for (t0, _), (t1, res) in zip(rows, rows[1:], strict=False):
+            for (t0, prev), (t1, res) in zip(rows, rows[1:], strict=False):
                 if res.get("epoch_time_s") is not None:
                     gaps.append(t1 - t0 - float(res["epoch_time_s"]))
+                    after_ckpt[bool(prev.get("_ckpt"))].append(gaps[-1])
             if tid in self.starts and rows and rows[0][1].get("epoch_time_s") is not None:
                 launch.append(rows[0][0] - self.starts[tid] - float(rows[0][1]["epoch_time_s"]))
         epoch_times = [float(res["epoch_time_s"]) for _, _, res in self.results
@@ -204,6 +213,9 @@ class Probe:
             "trial_epoch_s_median": r(median(epoch_times), 4),
             "epoch_gap_overhead_s_median": r(median(gaps), 4),
             "epoch_gap_overhead_s_sum": r(sum(gaps)),
+            "checkpoints": sum(1 for _, _, res in self.results if res.get("_ckpt")),
+            "epoch_gap_overhead_s_median_after_checkpoint": r(median(after_ckpt[True]), 4),
+            "epoch_gap_overhead_s_median_no_checkpoint": r(median(after_ckpt[False]), 4),
             "trial_launch_overhead_s_median": r(median(launch), 4),
             "trial_launch_overhead_s_sum": r(sum(launch)),
         }
@@ -262,6 +274,13 @@ def _callback_classes() -> tuple[type, type]:
                 if (p := _probe()) is not None:
                     p.on_end(trial)
                 super().on_trial_error(iteration, trials, trial, **info)  # type: ignore[misc]
+
+            def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any,
+                              checkpoint: Any, **info: Any) -> None:
+                if (p := _probe()) is not None:
+                    p.on_checkpoint(trial)
+                super().on_checkpoint(iteration, trials, trial, checkpoint,  # type: ignore[misc]
+                                      **info)
 
         probe_cls = type("ProbeCallback", (_Events, ProgressCallback), {"__module__": __name__})
         event_cls = type("EventCallback", (_Events, Callback), {"__module__": __name__})

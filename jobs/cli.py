@@ -21,11 +21,13 @@ class UserError(Exception):
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from jobs.spec import SpecError
-    from trainer.data import DataError
 
-    types: list[type[BaseException]] = [UserError, SpecError, DataError]
-    for mod, name in (("trainer.impute", "MissingAtPredictionError"),
+    types: list[type[BaseException]] = [UserError, SpecError]
+    # an error class whose module was never imported cannot have been raised
+    for mod, name in (("trainer.data", "DataError"),
+                      ("trainer.impute", "MissingAtPredictionError"),
                       ("trainer.loop", "DivergedError"),
+                      ("trainer.models", "ModelError"),
                       ("trainer.run", "OutOfMemory"),
                       ("tuning.errors", "RungwiseError")):
         module = sys.modules.get(mod)
@@ -101,9 +103,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    spec = _load(args)  # a bad spec is reported before torch and MLflow are imported
     from jobs.train import train_command
 
-    return train_command(_load(args), tracking=not args.no_tracking)
+    return train_command(spec, tracking=not args.no_tracking)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -6,12 +6,13 @@ import time
 from typing import Any
 
 from trainer.pipeline import load_and_prepare
-from trainer.run import RunResult, train_run
+from trainer.run import RunResult, new_model, train_run
 
 
 def train_command(spec: Any, tracking: bool = True) -> int:
     t0 = time.perf_counter()
     prepared = load_and_prepare(spec.data, spec.impute)
+    new_model(spec.model, prepared, seed=spec.train.seed)  # a misfit model fails before MLflow
     if not tracking:
         result = train_run(spec.model, spec.train, prepared)
         _summary(spec, result, prepared, time.perf_counter() - t0, None)

@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from typing import Any
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM ends the sweep like Ctrl-C: runs marked KILLED, a resume hint printed."""
-
-    def handler(signum: int, frame: Any) -> None:
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Do what Ctrl-C does now: inside ``Tuner.fit`` Tune's SIGINT handler stops the trials
+    and saves the sweep's state; elsewhere Python's raises KeyboardInterrupt."""
+    on_sigint = signal.getsignal(signal.SIGINT)
+    if callable(on_sigint):
+        on_sigint(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job): interrupt anyway
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+
+def _install_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM ends the sweep like Ctrl-C: runs marked KILLED, a resume hint printed, exit 130.
+
+    ``ray.init()`` replaces a SIGTERM handler set before it (with ``sys.exit`` and a native
+    crash handler that aborts the process: exit -6, runs left RUNNING), so the handler is
+    installed again once Ray is up (Ray's post-init hooks; tested in tests/reliability)."""
+    _install_sigterm()
+    from ray._private import worker as ray_worker
+
+    hooks = getattr(ray_worker, "_post_init_hooks", None)
+    if isinstance(hooks, list) and _install_sigterm not in hooks:
+        hooks.append(_install_sigterm)
 
 
 def tune_command(spec: Any, resume: bool = False, address: str | None = None,

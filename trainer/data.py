@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,8 @@ def read_images(data: Any) -> ImageSet:
     """Read ``x`` (N, H, W) or (N, C, H, W) and ``y`` from an .npz file."""
     path = str(data.path)
     _check_exists(path)
+    if "://" not in path and not zipfile.is_zipfile(path):  # else numpy talks of pickles
+        raise DataError(f"data.path: {path} is not an .npz file (a zip of arrays 'x' and 'y')")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "x" not in npz.files or "y" not in npz.files:

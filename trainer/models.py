@@ -92,6 +92,10 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: layer sizes must be >= 1, got {sizes}")
 
 
+class ModelError(ValueError):
+    """A model section that does not fit the data; the one-line message names the spec key."""
+
+
 def build_model(model: Any, input_shape: tuple[int, ...], n_outputs: int,
                 seed: int) -> nn.Module:
     """The network for ``input_shape`` (one example, no batch dim) and ``n_outputs``.
@@ -108,7 +112,7 @@ def build_model(model: Any, input_shape: tuple[int, ...], n_outputs: int,
         raise ValueError(f"input_shape: one example is (features,), (H, W) or (C, H, W); "
                          f"got {shape}")
     if cfg.kind == "cnn" and len(shape) == 1:
-        raise ValueError(f"model.kind: cnn needs image data (an .npz with x of shape (N, H, W) "
+        raise ModelError(f"model.kind: cnn needs image data (an .npz with x of shape (N, H, W) "
                          f"or (N, C, H, W)); this table has {shape[0]} features: use mlp")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

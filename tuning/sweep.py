@@ -87,6 +87,16 @@ def _trainable(spec: Any, shared: Shared) -> Any:
                                {"CPU": res.cpus_per_worker, "GPU": gpus})
 
 
+def _check_model_kinds(spec: Any, prepared: Prepared | None) -> None:
+    """A CNN on a table fails every trial: say so once, before any trial starts."""
+    dim = spec.tune.space.get("model.kind")
+    kinds = list(next(iter(dim.values()))) if dim else [spec.model.kind]
+    if prepared is not None and "cnn" in kinds and len(prepared.input_shape) == 1:
+        raise RungwiseError(f"model.kind: cnn needs image data (an .npz with x of shape "
+                            f"(N, H, W) or (N, C, H, W)); this table has "
+                            f"{prepared.input_shape[0]} features: use mlp")
+
+
 def _check_fits(res: Any, gpus: float) -> None:
     """A trial larger than the whole cluster would wait forever: say so before it starts."""
     have = ray.cluster_resources()
@@ -161,6 +171,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     init_ray(address)
     _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
     refs, local = share_data(spec, raw)
+    _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
                     checkpoint_every=strategy.checkpoint_every, storage_path=str(path.parent))
     parent = ParentRun.open(uri, spec, strategy, raw, state.get("parent_run_id"), run_tags) \

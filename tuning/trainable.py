@@ -8,10 +8,10 @@ latest checkpoint), when a pausing scheduler needs them, and on the last epoch.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ WORST = {"min": 1e9, "max": -1e9}
 DRIVER_CPU = 0.01
 """CPU held by the Tune trial that drives a multi-worker Ray Train run (0 is refused)."""
 FAULT_ENV = "RUNGWISE_TEST_FAULT"
-"""Test-only hook: ``crash:<rate>:<epoch>`` or ``diverge`` (see tests/reliability)."""
+"""Test-only hook: ``crash:<rate>:<epoch>[:always]`` (see ``_fault_hook``, tests/reliability)."""
+FAULT_DIR_ENV = "RUNGWISE_TEST_FAULT_DIR"
+"""Test-only: the folder of the fault hook's marker files (default: the temp folder)."""
 
 
 @dataclass
@@ -45,6 +47,10 @@ class Shared:
     checkpoint_every: int
     storage_path: str = ""
     """Absolute: where Ray Train keeps the checkpoints of multi-worker trials."""
+    fault: str = field(default_factory=lambda: os.environ.get(FAULT_ENV, ""))
+    fault_dir: str = field(default_factory=lambda: os.environ.get(FAULT_DIR_ENV, ""))
+    """Test-only: the driver's fault-hook settings, read when the sweep starts. Workers of a
+    Ray instance that is already running never see variables set in the driver later."""
 
 
 def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -99,7 +105,7 @@ def _run_trial(config: dict[str, Any], shared: Shared) -> None:
     data = tensors_of(prepared)
     net = new_model(spec.model, prepared, seed=spec.train.seed)
     best = [float("inf")]
-    fault = _fault_hook(config)
+    fault = _fault_hook(shared)
 
     def on_epoch(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
         fault(int(metrics["epoch"]))
@@ -194,23 +200,53 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({**diverged_metrics(spec, exc), **extra})
 
 
-def _fault_hook(config: dict[str, Any]) -> Any:
-    """Test-only fault injection, off unless ``RUNGWISE_TEST_FAULT`` is set in the trial's
-    environment: ``crash:RATE:EPOCH[:always]`` crashes the share RATE of trials (chosen by
-    a hash of the trial id) at EPOCH, once (then the retry succeeds) or on every attempt."""
-    spec = os.environ.get(FAULT_ENV, "")
+def _fault_hook(shared: Shared) -> Any:
+    """Test-only fault injection, off unless ``RUNGWISE_TEST_FAULT`` is set in the driver
+    (when the sweep starts) or in the trial's environment.
+
+    ``crash:RATE:EPOCH[:always]`` crashes the share RATE of trials at EPOCH, once (the retry
+    from the last checkpoint then succeeds) or on every attempt. Trials are numbered in the
+    order they first reach the hook (claim files in ``RUNGWISE_TEST_FAULT_DIR``), and trial
+    n is chosen when floor((n+1)*RATE) > floor(n*RATE): exactly floor(N*RATE) of the first N
+    trials crash, whatever their random ids. Use a fresh folder per sweep. The file
+    ``rungwise-fault-crashed-<trial id>`` records each injected crash, one line per attempt."""
+    spec = shared.fault or os.environ.get(FAULT_ENV, "")
     if not spec.startswith("crash:"):
         return lambda epoch: None
     _, rate, at, *mode = spec.split(":")
+    folder = Path(shared.fault_dir or os.environ.get(FAULT_DIR_ENV) or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
     trial_id = tune.get_context().get_trial_id()
-    marker = Path(os.environ.get("RUNGWISE_TEST_FAULT_DIR", tempfile.gettempdir())) / (
-        f"rungwise-fault-{trial_id}")
-    chosen = zlib.crc32(trial_id.encode()) % 100 < float(rate) * 100
+    marker = folder / f"rungwise-fault-crashed-{trial_id}"
+    n = _arrival(folder, trial_id)
+    chosen = math.floor((n + 1) * float(rate) + 1e-9) > math.floor(n * float(rate) + 1e-9)
     always = mode == ["always"]
 
     def hook(epoch: int) -> None:
         if chosen and epoch == int(at) and (always or not marker.exists()):
-            marker.write_text("crashed")
+            with marker.open("a") as fh:
+                fh.write(f"crashed at epoch {epoch}\n")
             raise RuntimeError(f"injected fault at epoch {epoch} (test hook)")
 
     return hook
+
+
+def _arrival(folder: Path, trial_id: str) -> int:
+    """This trial's number in arrival order: the first free ``rungwise-fault-claim-<k>``
+    file, taken atomically (O_EXCL), so that concurrent trials never share a number."""
+    mine = folder / f"rungwise-fault-seq-{trial_id}"
+    if mine.exists():
+        return int(mine.read_text())
+    n = 0
+    while True:
+        try:
+            fd = os.open(folder / f"rungwise-fault-claim-{n:05d}",
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            n += 1
+            continue
+        os.write(fd, trial_id.encode())
+        os.close(fd)
+        break
+    mine.write_text(str(n))
+    return n

@@ -60,7 +60,7 @@ DATA_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "nested_list.parquet": ({}, "data.path: column 'tags' of"),
     "nested_struct.parquet": ({}, "data.path: column 'where' of"),
     "no_xy.npz": ({}, "must hold arrays 'x' and 'y', has images, labels"),
-    "not_npz.npz": ({}, "data.path: cannot read"),
+    "not_npz.npz": ({}, "not_npz.npz is not an .npz file"),
     "not_parquet.parquet": ({}, "data.path: cannot read"),
     "object_array.npz": ({}, "Object arrays cannot be loaded when allow_pickle=False"),
     "only_target.csv": ({}, "data.features: no feature columns"),

@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet  # noqa: F401
+import sklearn.model_selection  # noqa: F401
+
 # What `rungwise inspect` imports anyway (nothing more: a module imported here and not by the
 # real command could change what the command does).
 import jobs.cli  # noqa: F401
 import jobs.inspect  # noqa: F401
 import jobs.spec  # noqa: F401
-import pyarrow.parquet  # noqa: F401
-import sklearn.model_selection  # noqa: F401
 import trainer.pipeline  # noqa: F401
 
 

@@ -278,9 +278,15 @@ def test_too_many_categories(tmp_path: Path) -> None:
     msg = refusal(data_spec(write(tmp_path, text)))
     assert msg.startswith(f"data.categorical: column 'id' has {n:,} distinct values "
                           f"(limit {MAX_CATEGORIES:,})")
-    # ... but exactly the limit is fine, and leaving the column out is the advice
+    # leaving the column out, as the message advises, works
     ok = data_spec(write(tmp_path, text), features=["x"])
     assert split_data(ok).schema.features == ["x"]  # type: ignore[union-attr]
+
+
+def test_exactly_the_category_limit_is_fine(tmp_path: Path) -> None:
+    text = "id,y\n" + "".join(f"c{i},{i % 2}\n" for i in range(MAX_CATEGORIES))
+    schema = split_data(data_spec(write(tmp_path, text))).schema
+    assert schema is not None and schema.categorical == ["id"]
 
 
 def test_wrong_delimiter_hint(tmp_path: Path) -> None:
@@ -364,3 +370,12 @@ def test_npz_for_regression_is_refused(tmp_path: Path) -> None:
     path = save_npz(tmp_path, x=np.zeros((30, 8, 8)), y=np.arange(30) % 2)
     assert refusal(data_spec(path, task="regression")) == \
         "data.task: image data (.npz) supports classification only"
+
+
+@pytest.mark.parametrize("content", [b"x,y\n1,2\n", b"\x93NUMPY not a zip"], ids=["text", "npy"])
+def test_file_that_is_not_an_npz(tmp_path: Path, content: bytes) -> None:
+    """numpy alone would say the file "contains pickled (object) data" and advise
+    ``allow_pickle``: the wrong advice for a file that is simply not an .npz."""
+    path = write(tmp_path, content, name="d.npz")
+    assert refusal(data_spec(path)) == \
+        f"data.path: {path} is not an .npz file (a zip of arrays 'x' and 'y')"
