@@ -120,11 +120,47 @@ class ModelBundle:
         meta = json.loads((d / "bundle.json").read_text())
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
         with open(d / "preprocessor.pkl", "rb") as fh:
-            pre = pickle.load(fh)  # noqa: S301 - written by save(), inside the model artifact
+            pre = SafeUnpickler(fh).load()
         return cls(preprocessor=pre, model_spec=meta["model_spec"],
                    input_shape=tuple(meta["input_shape"]), n_outputs=meta["n_outputs"],
                    task=meta["task"], state_dict=state,
                    feature_columns=meta["feature_columns"], metrics=meta.get("metrics", {}))
+
+
+_SAFE_FUNCTIONS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy.random._pickle", "__randomstate_ctor"),
+    ("numpy.random._pickle", "__bit_generator_ctor"),
+    ("numpy.random._pickle", "__generator_ctor"), ("copyreg", "_reconstructor"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("pandas.core.internals.blocks", "new_block"), ("pandas._libs.internals", "_unpickle_block"),
+}
+_SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "range", "bytearray", "bytes", "dict",
+                  "list", "tuple", "object", "int", "float", "str", "bool"}
+_PANDAS_TOP = {"StringDtype", "CategoricalDtype", "Index", "RangeIndex", "Series", "DataFrame",
+               "Categorical", "Int64Dtype", "Float64Dtype", "BooleanDtype"}
+_CLASS_MODULES = ("trainer.", "sklearn.", "numpy", "pandas.core.", "pandas._libs.",
+                  "collections", "datetime")
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles the fitted preprocessing, and nothing else: classes of rungwise,
+    scikit-learn, numpy and pandas' data structures, and numpy's array rebuilders. A pickle
+    that names ``os.system``, ``subprocess.Popen`` or ``builtins.eval`` is refused, which
+    makes a tampered model artifact an error instead of code execution."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_FUNCTIONS:
+            return super().find_class(module, name)
+        allowed = (module == "builtins" and name in _SAFE_BUILTINS) or (
+            module == "pandas" and name in _PANDAS_TOP) or module.startswith(_CLASS_MODULES)
+        if allowed:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        raise pickle.UnpicklingError(f"preprocessor.pkl: refusing to load {module}.{name} "
+                                     "(only preprocessing classes are allowed)")
 
 
 def _image_array(rows: Any) -> np.ndarray:
