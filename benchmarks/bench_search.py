@@ -77,7 +77,11 @@ def run(search: str, n: int, epochs: int, seed: int,
     out = {"wall_s": r(wall), "epochs": sum(per_trial.values()), "trials": len(per_trial),
            "best_val_loss": r(best, 5), "sweep_best_value": r(result.best_value, 5),
            "diverged": sum(1 for _, _, res in probe.results if res.get("diverged")),
-           "strategy": result.strategy, "_configs": started}
+           "strategy": result.strategy, "_configs": started,
+           "tune": {k: v for k, v in probe.trial_stats(2).items()
+                    if k in ("tuner_fit_s", "train_s_per_slot", "fit_overhead_s",
+                             "trial_launch_overhead_s_median", "trial_launch_overhead_s_sum",
+                             "epoch_gap_overhead_s_median", "fit_start_to_first_result_s")}}
     say(f"seed {seed} {search:6s}: best val_loss {best:.4f}, {out['epochs']} epochs over "
         f"{out['trials']} trials, {wall:.1f} s")
     return out

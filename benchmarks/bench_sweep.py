@@ -165,7 +165,9 @@ def glue(prepared: Any, trials: int, epochs: int, concurrency: int, uri: str,
                 name=name, storage_path=os.environ["RUNGWISE_STORAGE"], verbose=0,
                 callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=name),
                            common.event_callback()]))
+        probe.marks["tuner_fit_start"] = time.perf_counter()
         grid = tuner.fit()
+        probe.marks["tuner_fit_end"] = time.perf_counter()
         wall = time.perf_counter() - t0
     errors = [str(res.error).splitlines()[0] for res in grid if res.error is not None]
     if errors:
@@ -239,6 +241,7 @@ def main() -> None:
 
         say(f"3/4 warm: tracking off vs on, {repeats} pair(s), order alternated")
         on, off, cpu_on, cpu_off, fit_on, fit_off = [], [], [], [], [], []
+        launch: list[float] = []
         for i in range(repeats):
             order = [False, True] if i % 2 == 0 else [True, False]
             for tracked in order:
@@ -248,6 +251,7 @@ def main() -> None:
                 (on if tracked else off).append(w)
                 (cpu_on if tracked else cpu_off).append(p.cpu_s or 0.0)
                 (fit_on if tracked else fit_off).append(p.phases.get("tuner_fit", 0.0))
+                launch.append(p.trial_stats(conc).get("fit_start_to_first_result_s") or 0.0)
                 say(f"warm sweep, tracking {'on ' if tracked else 'off'}: {w:.1f} s, CPU "
                     f"{p.cpu_s:.1f} s (tuner.fit {p.phases.get('tuner_fit', 0):.1f} s, "
                     f"finish {p.phases.get('finish', 0):.1f} s, parent run "
@@ -263,7 +267,8 @@ def main() -> None:
                          "tuner_fit_ratio": ratio(fit_on, fit_off),
                          "tracked_cpu_s": [r(x) for x in cpu_on],
                          "untracked_cpu_s": [r(x) for x in cpu_off],
-                         "cpu_ratio": ratio(cpu_on, cpu_off)}
+                         "cpu_ratio": ratio(cpu_on, cpu_off),
+                         "warm_fit_start_to_first_result_s": [r(x) for x in launch]}
         m_on = med(on)
         out["warm_tracked_ratio_to_ideal"] = r(m_on / ideal_s) if m_on else None
 

@@ -6,7 +6,9 @@
 * ``Probe`` + ``instrument()``: times the phases of ``tuning.sweep.run_sweep`` from the
   outside by wrapping the functions it calls (by module attribute, restored afterwards), and
   records every trial event (start, each reported epoch, completion) in the driver.
-* ``bench_env()``: a temporary directory with a fresh SQLite MLflow store and
+* ``CpuMeter``: CPU seconds of this process tree (driver + Ray's processes + trials), the
+  noise-robust companion of wall times on a shared machine.
+* ``bench_env()``: a temporary directory for a fresh SQLite MLflow store, with
   ``RUNGWISE_STORAGE`` pointed inside it.
 * ``check()``: one row of the targets table that ``run_all.py`` prints.
 """
@@ -146,6 +148,7 @@ class Probe:
     ends: dict[str, float] = field(default_factory=dict)
     cpu_s: float | None = None
     meter: Any = None
+    unpatched: list[str] = field(default_factory=list)
 
     # trial events (called by ProbeCallback / EventCallback in the driver)
     def on_start(self, trial: Any) -> None:
@@ -345,7 +348,11 @@ def instrument(probe: Probe) -> Iterator[Probe]:
     patches: list[tuple[Any, str, Any]] = []
 
     def patch(owner: Any, attr: str, name: str) -> None:
-        orig = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        space = owner.__dict__ if isinstance(owner, type) else vars(owner)
+        if attr not in space:  # renamed by a refactor: time what is left, say what is not
+            probe.unpatched.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+            return
+        orig = space[attr]
         patches.append((owner, attr, orig))
         if isinstance(orig, classmethod):
             func = orig.__func__
@@ -499,6 +506,8 @@ def phases(probe: Probe, wall: float) -> dict[str, float | None]:
     out["other_s"] = r(wall - sum(ph.get(k, 0.0) for k in top))
     if probe.cpu_s is not None:
         out["cpu_total_s"] = r(probe.cpu_s)
+    if probe.unpatched:
+        out["not_timed"] = sorted(set(probe.unpatched))  # type: ignore[assignment]
     return out
 
 

@@ -96,6 +96,10 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, monkeypatch, m
     exp = parent.info.experiment_id
     parents = MlflowClient(mlflow_uri).search_runs([exp], "tags.`rungwise.kind` = 'sweep'")
     assert len(parents) == 1
+    # no orphan: nothing the killed driver left RUNNING stays RUNNING after the resume
+    running = MlflowClient(mlflow_uri).search_runs([exp], "attributes.status = 'RUNNING'")
+    assert running == [], [(r.info.run_name, r.data.tags.get("rungwise.trial_id"))
+                           for r in running]
 
 
 def _kill_after_two_trials(proc: subprocess.Popen[str], uri: str, timeout: float = 600) -> None:
