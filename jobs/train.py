@@ -6,13 +6,18 @@ import time
 from typing import Any
 
 from trainer.pipeline import load_and_prepare
-from trainer.run import RunResult, new_model, train_run
+from trainer.run import RunResult, explain_oom, is_oom, new_model, train_run
 
 
 def train_command(spec: Any, tracking: bool = True) -> int:
     t0 = time.perf_counter()
     prepared = load_and_prepare(spec.data, spec.impute)
-    new_model(spec.model, prepared, seed=spec.train.seed)  # a misfit model fails before MLflow
+    try:  # a model that does not fit the data, or memory, fails before MLflow
+        new_model(spec.model, prepared, seed=spec.train.seed)
+    except Exception as exc:
+        if is_oom(exc):
+            raise explain_oom(exc, spec.model, spec.train, int(prepared.x_train[0].size)) from None
+        raise
     if not tracking:
         result = train_run(spec.model, spec.train, prepared)
         _summary(spec, result, prepared, time.perf_counter() - t0, None)

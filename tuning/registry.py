@@ -76,7 +76,9 @@ def register(uri: str, model_uri: str, name: str, run_id: str) -> tuple[str, lis
         cl.get_registered_model(name)
     except Exception:
         cl.create_registered_model(name, description="Registered by rungwise")
-    version = cl.create_model_version(name, model_uri, run_id=run_id)
+    # MLflow 3's server wants the logged model's id with a models:/m-... source
+    model_id = model_uri.rsplit("/", 1)[-1] if model_uri.startswith("models:/m-") else None
+    version = cl.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
     aliases = [CHALLENGER]
     cl.set_registered_model_alias(name, CHALLENGER, version.version)
     if alias_version(uri, name, CHAMPION) is None:

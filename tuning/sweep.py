@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +67,12 @@ def init_ray(address: str | None) -> None:
     # Checkpoints are kept to one per trial, which makes Tune snapshot its (small) state
     # more often; measured in benchmarks/, the warning about it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
+    if main and callable(before):  # ray.init replaces it with a handler that aborts
+        signal.signal(signal.SIGTERM, before)
 
 
 def share_data(spec: Any, raw: RawData) -> tuple[dict[str, Any], dict[str, Prepared]]:

@@ -223,11 +223,6 @@ def test_an_out_of_memory_trial_fails_with_a_clear_message(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "regression from b0e2d8d: jobs/train.py now builds the model once before MLflow "
-    "(`new_model(...)`, line 15) outside trainer.run.train_run's OOM handling, so the "
-    "allocation error escapes as a RuntimeError: exit 1 with 'run with --debug', not exit 2. "
-    "Fix: convert it there with trainer.run.is_oom/explain_oom; then drop this mark"))
 def test_train_out_of_memory_exits_2_with_one_line(tmp_path: Path) -> None:
     store = tmp_path / "mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
