@@ -6,6 +6,8 @@ import importlib
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -299,16 +301,27 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_ddp_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
+def run_ddp(out: str) -> None:
+    """Two gloo ranks, forked from a fresh interpreter (see the test)."""
     import torch.multiprocessing as mp
 
     # fork: the children start with torch and torch._dynamo (which DDP and the optimisers
     # import on first use) already imported; spawn re-imports them, ~10 s per child here.
     importlib.import_module("torch._dynamo")
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), out), nprocs=2,
                        join=True, start_method=method)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
+    # The ranks are forked from a fresh interpreter: forking the test process itself, which
+    # may hold a running Ray and its threads, deadlocks the children.
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from tests.trainer.test_loop import run_ddp; run_ddp(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(root), str(tmp_path)], check=True,
+                   timeout=600)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["history"] == r1["history"]  # train_loss all-reduced, val on the full split
     for key, value in r0["state"].items():
