@@ -26,15 +26,9 @@ def _install_sigterm() -> None:
 def _sigterm_as_interrupt() -> None:
     """SIGTERM ends the sweep like Ctrl-C: runs marked KILLED, a resume hint printed, exit 130.
 
-    ``ray.init()`` replaces a SIGTERM handler set before it (with ``sys.exit`` and a native
-    crash handler that aborts the process: exit -6, runs left RUNNING), so the handler is
-    installed again once Ray is up (Ray's post-init hooks; tested in tests/reliability)."""
+    ``ray.init()`` replaces a SIGTERM handler set before it with one that aborts the process;
+    ``tuning.sweep.init_ray`` puts this one back (tested in tests/reliability)."""
     _install_sigterm()
-    from ray._private import worker as ray_worker
-
-    hooks = getattr(ray_worker, "_post_init_hooks", None)
-    if isinstance(hooks, list) and _install_sigterm not in hooks:
-        hooks.append(_install_sigterm)
 
 
 def tune_command(spec: Any, resume: bool = False, address: str | None = None,

@@ -24,6 +24,16 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+def write_file(tmp_path: Path, text: str | bytes, name: str) -> Path:
+    """Write ``text`` (str or bytes) to ``tmp_path / name``."""
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tuning.callback import STATUS_TAG, SweepTracker
+from tuning.callback import SweepTracker
 from tuning.tracking import client, experiment_id, log_params, mask_secrets
 
 
@@ -157,5 +157,3 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
         node[parts[-1]] = value
     return out
 
-
-__all__ = ["ParentRun", "STATUS_TAG", "git_commit"]

@@ -23,9 +23,6 @@ class ProgressCallback(Callback):
         self._last = 0.0
         self._t0 = time.time()
 
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks; keep it plain
-        return {k: v for k, v in self.__dict__.items()}
-
     def _say(self, text: str) -> None:
         if not self.quiet:
             print(f"[{time.time() - self._t0:6.0f}s] {text}", file=sys.stdout, flush=True)

@@ -109,11 +109,3 @@ def load_bundle(uri: str, name: str, alias: str) -> ModelBundle:
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
     return ModelBundle.load(Path(local) / "artifacts" / "bundle")
-
-
-def load_pyfunc(uri: str, name: str, alias: str) -> Any:
-    if alias_version(uri, name, alias) is None:
-        raise RungwiseError(f"registry: no model version {name}@{alias}; run `rungwise tune` "
-                            "first or pick another --alias")
-    mlflow.set_tracking_uri(uri)
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")

@@ -35,8 +35,7 @@ def tracked_run(spec: Any, prepared: Any) -> tuple[RunResult, str, str]:
         logger.metrics(run_id, {**result.test_metrics, "best_epoch": result.fit.best_epoch},
                        result.fit.epochs_run)
         logger.flush()
-        example = _example(prepared)
-        registry.log_bundle(run_id, result.bundle, example, uri)
+        registry.log_bundle(run_id, result.bundle, prepared.example, uri)
         status = "FINISHED"
         return result, run_id, mask_uri(uri)
     except BaseException as exc:
@@ -46,8 +45,3 @@ def tracked_run(spec: Any, prepared: Any) -> tuple[RunResult, str, str]:
     finally:
         logger.close()
         cl.set_terminated(run_id, status)
-
-
-def _example(prepared: Any) -> Any:
-    """A few raw validation rows (missing values included) as the model's input example."""
-    return getattr(prepared, "example", None)

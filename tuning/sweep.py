@@ -47,7 +47,6 @@ class SweepResult:
     aliases: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
     experiment_path: str = ""
-    interrupted: bool = False
     tracking_uri: str | None = None
 
 
@@ -195,8 +194,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
         grid = tuner.fit()
         if progress.interrupted():
             raise KeyboardInterrupt
-        result = _finish(spec, strategy, grid, progress, raw, local, parent, tracker, uri,
-                         register)
+        result = _finish(spec, strategy, grid, raw, local, parent, tracker, uri, register)
         result.experiment_path = str(path)
         return result
     except BaseException as exc:
@@ -218,16 +216,15 @@ def _save_state(spec: Any, path: Path, parent: ParentRun | None, uri: str | None
         "tracking_uri": uri, "spec": spec.name}, indent=2))
 
 
-def _finish(spec: Any, strategy: Strategy, grid: Any, progress: ProgressCallback, raw: RawData,
+def _finish(spec: Any, strategy: Strategy, grid: Any, raw: RawData,
             local: dict[str, Prepared], parent: ParentRun | None,
             tracker: SweepTracker | None, uri: str | None, register: bool) -> SweepResult:
-    interrupted = progress.interrupted()
     best = best_trial(grid, spec.tune.metric, spec.tune.mode)
     evaluated = evaluate_best(spec, best, raw, local)
     out = SweepResult(parent_run_id=parent.run_id if parent else None, strategy=strategy.name,
                       reason=strategy.reason, best_overrides=evaluated.overrides,
                       best_value=evaluated.value, test_metrics=evaluated.test_metrics,
-                      trials=[], interrupted=interrupted, tracking_uri=uri)
+                      trials=[], tracking_uri=uri)
     if tracker is not None:
         tracker.logger.flush()
     if parent is not None and tracker is not None:

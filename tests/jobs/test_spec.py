@@ -23,9 +23,8 @@ from jobs.spec import (
     parse_overrides,
     validate_spec,
 )
+from tests.conftest import EXAMPLES, ROOT, write_file
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 MINIMAL: dict[str, Any] = {"name": "t", "data": {"path": "/abs/table.csv"}}
 
 
@@ -49,12 +48,7 @@ def refusal(raw: Any) -> str:
 
 
 def write(tmp_path: Path, text: str | bytes, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
+    return write_file(tmp_path, text, name)
 
 
 # --- the examples ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from jobs.spec import DataSpec, load_spec
+from tests.conftest import write_file
 from trainer.data import (
     MAX_CATEGORIES,
     DataError,
@@ -34,12 +35,7 @@ def data_spec(path: Path | str, **kw: Any) -> DataSpec:
 
 
 def write(tmp_path: Path, text: str | bytes, name: str = "t.csv") -> Path:
-    path = tmp_path / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
+    return write_file(tmp_path, text, name)
 
 
 def refusal(data: DataSpec) -> str:
