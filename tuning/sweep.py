@@ -142,7 +142,10 @@ def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: Path, callbacks:
             reuse_actors=spec.resources.workers_per_trial == 1),
         run_config=tune.RunConfig(
             name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # PBT copies other trials' checkpoints: keeping one per trial let a best trial's
+            # latest checkpoint be deleted under it (seen once in a full test run)
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=None if strategy.name == "pbt" else 1),
             failure_config=tune.FailureConfig(max_failures=t.max_failures)))
 
 
