@@ -28,7 +28,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
                       ("trainer.impute", "MissingAtPredictionError"),
                       ("trainer.loop", "DivergedError"),
                       ("trainer.models", "ModelError"),
-                      ("trainer.run", "OutOfMemory"),
+                      ("trainer.models", "OutOfMemory"),
                       ("tuning.errors", "RungwiseError")):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from trainer.models import explain_oom, is_oom, new_model
 from trainer.pipeline import load_and_prepare
-from trainer.run import RunResult, explain_oom, is_oom, new_model, train_run
+from trainer.run import RunResult, train_run
 
 
 def train_command(spec: Any, tracking: bool = True) -> int:

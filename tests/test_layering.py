@@ -89,3 +89,35 @@ from . import sibling
 from trainer.data import read_table
 """
     assert imported_roots(source) == {"ray", "mlflow", "jobs", "tuning", "optuna", "trainer"}
+
+
+TRIAL_IMPORTS = """
+import json, pickle, sys
+import tuning.trainable
+data = pickle.loads(open(sys.argv[1], "rb").read())
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"sklearn", "scipy", "mlflow"})
+print(json.dumps({"type": type(data).__name__, "rows": len(data.x_train), "heavy": heavy}))
+"""
+
+
+def test_a_trial_worker_imports_neither_scikit_learn_nor_mlflow(tmp_path: Path) -> None:
+    """What a sweep ships to its trials is arrays only: unpickling the fitted preprocessor
+    made every trial worker import scikit-learn and SciPy (seconds of CPU per trial)."""
+    import pickle
+
+    from jobs.spec import load_spec
+    from trainer.pipeline import split_data
+    from tuning.sweep import prepare_variants
+
+    spec = load_spec(ROOT / "tests" / "jobs" / "tiny_adult.yaml")
+    prepared = next(iter(prepare_variants(spec, split_data(spec.data)).values()))
+    assert type(prepared.preprocessor).__module__.startswith("trainer.")  # what stays home
+    shipped = tmp_path / "shipped.pkl"
+    shipped.write_bytes(pickle.dumps(prepared.arrays()))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", TRIAL_IMPORTS, str(shipped)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"type": "ArrayData", "rows": len(prepared.x_train), "heavy": []}

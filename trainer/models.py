@@ -231,3 +231,32 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def param_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def new_model(model_spec: Any, data: Any, seed: int) -> torch.nn.Module:
+    """The spec's network for ``data`` (a Prepared, ArrayData or TensorData)."""
+    n_outputs = data.n_classes if data.task == "classification" else 1
+    return build_model(model_spec, data.input_shape, n_outputs, seed=seed)
+
+
+class OutOfMemory(RuntimeError):
+    """A model or batch that does not fit in memory; the one-line message says which."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text
+                                           or "out of memory" in text))
+
+
+def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int) -> OutOfMemory:
+    """Name the likely cause: the model's size, else the batch size."""
+    hidden = list(getattr(model_spec, "hidden", []))
+    sizes = [n_inputs, *hidden]
+    params = sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
+    where = (f"model.hidden={hidden} needs about {params * 4 / 2**30:.1f} GiB for its weights"
+             if params * 4 > 2**30 else
+             f"train.batch_size={train_spec.batch_size} is the likely cause")
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return OutOfMemory(f"out of memory: {where}; lower it and retry ({first})")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.arrays import ArrayData
 from trainer.data import (
     DataError,
     ImageSet,
@@ -62,6 +63,13 @@ class Prepared:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def arrays(self) -> ArrayData:
+        """The arrays alone (no preprocessor): what a sweep's trials are sent."""
+        return ArrayData(x_train=self.x_train, y_train=self.y_train, x_val=self.x_val,
+                         y_val=self.y_val, x_test=self.x_test, y_test=self.y_test,
+                         task=self.task, n_classes=self.n_classes, y_mean=self.y_mean,
+                         y_scale=self.y_scale)
 
 
 def split_data(data: Any) -> RawData:

@@ -13,31 +13,8 @@ import torch
 
 from trainer.bundle import ModelBundle
 from trainer.loop import FitResult, OnEpoch, TensorData, evaluate, fit
-from trainer.models import build_model
+from trainer.models import explain_oom, is_oom, new_model
 from trainer.pipeline import Prepared
-
-
-class OutOfMemory(RuntimeError):
-    """A model or batch that does not fit in memory; the one-line message says which."""
-
-
-def is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("can't allocate memory" in text
-                                           or "out of memory" in text))
-
-
-def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int) -> OutOfMemory:
-    """Name the likely cause: the model's size, else the batch size."""
-    hidden = list(getattr(model_spec, "hidden", []))
-    sizes = [n_inputs, *hidden]
-    params = sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
-    where = (f"model.hidden={hidden} needs about {params * 4 / 2**30:.1f} GiB for its weights"
-             if params * 4 > 2**30 else
-             f"train.batch_size={train_spec.batch_size} is the likely cause")
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return OutOfMemory(f"out of memory: {where}; lower it and retry ({first})")
 
 
 @dataclass
@@ -49,11 +26,6 @@ class RunResult:
 
 def tensors_of(prepared: Prepared) -> TensorData:
     return TensorData.from_prepared(prepared)
-
-
-def new_model(model_spec: Any, prepared: Prepared, seed: int) -> torch.nn.Module:
-    n_outputs = prepared.n_classes if prepared.task == "classification" else 1
-    return build_model(model_spec, prepared.input_shape, n_outputs, seed=seed)
 
 
 def make_bundle(model_spec: Any, prepared: Prepared, net: torch.nn.Module,

@@ -9,8 +9,9 @@ from typing import Any
 
 from trainer.bundle import ModelBundle
 from trainer.checkpoint import load_checkpoint
+from trainer.models import new_model
 from trainer.pipeline import Prepared, RawData, prepare
-from trainer.run import make_bundle, new_model, tensors_of, test_metrics
+from trainer.run import make_bundle, tensors_of, test_metrics
 from tuning.errors import RungwiseError
 from tuning.space import decode_config, variant_key
 from tuning.trainable import CKPT_FILE

@@ -74,11 +74,48 @@ def init_ray(address: str | None) -> None:
         signal.signal(signal.SIGTERM, before)
 
 
-def share_data(spec: Any, raw: RawData) -> tuple[dict[str, Any], dict[str, Prepared]]:
-    """Prepare once per distinct imputation choice; hand trials object refs."""
+def prepare_variants(spec: Any, raw: RawData) -> dict[str, Prepared]:
+    """Prepare once per distinct imputation choice."""
     variants = impute_variants(spec) or []
-    local = {variant_key(v): prepare(raw, spec.with_overrides(v).impute) for v in variants}
-    return {k: ray.put(p) for k, p in local.items()}, local
+    return {variant_key(v): prepare(raw, spec.with_overrides(v).impute) for v in variants}
+
+
+def share_data(local: dict[str, Prepared]) -> dict[str, Any]:
+    """Object refs of the arrays alone: trials never unpickle the fitted preprocessor."""
+    return {k: ray.put(p.arrays()) for k, p in local.items()}
+
+
+class Background:
+    """Run ``fn`` in a thread while the caller does something else (here: ``ray.init``);
+    ``result()`` waits and re-raises its exception. Not a daemon: a SQLite migration is
+    never cut off half-way by the interpreter exiting."""
+
+    def __init__(self, fn: Any) -> None:
+        self._out: list[Any] = []
+        self._err: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="rungwise-prep")
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._out.append(fn())
+        except BaseException as exc:  # handed to the caller by result()
+            self._err.append(exc)
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err:
+            raise self._err[0]
+        return self._out[0]
+
+
+def warm_store(uri: str | None) -> None:
+    """Open the tracking store once: on a fresh SQLite file this runs MLflow's schema
+    migrations (about 5 s here), which then overlap with ``ray.init`` instead of following it."""
+    if uri:
+        from tuning.tracking import client
+
+        client(uri).search_experiments(max_results=1)
 
 
 def _trainable(spec: Any, shared: Shared) -> Any:
@@ -175,10 +212,13 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     if uri:
         check_reachable(uri)
     path, state = _paths(spec, resume)
-    raw = split_data(spec.data)
+    raw = split_data(spec.data)  # data errors before Ray starts
+    # imputation + encoding and the tracking store's first open overlap with ray.init
+    prep = Background(lambda: (prepare_variants(spec, raw), warm_store(uri))[0])
     init_ray(address)
     _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
-    refs, local = share_data(spec, raw)
+    local = prep.result()
+    refs = share_data(local)
     _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
                     checkpoint_every=strategy.checkpoint_every, storage_path=str(path.parent))

@@ -1,7 +1,8 @@
 """What one Ray Tune trial runs: a single process, or a Ray Train DDP group of workers.
 
 The data was prepared once in the driver and arrives through Ray's object store (one
-object per distinct imputation choice); a trial only builds its model and trains it.
+``ArrayData`` per distinct imputation choice: arrays only, so a trial worker never imports
+pandas or scikit-learn); a trial only builds its model and trains it.
 Checkpoints are written when the validation loss improves (the best weights are then in the
 latest checkpoint), when a pausing scheduler needs them, and on the last epoch.
 """
@@ -19,10 +20,10 @@ import ray
 import torch
 from ray import tune
 
+from trainer.arrays import ArrayData
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.loop import DivergedError, fit
-from trainer.pipeline import Prepared, prepare
-from trainer.run import explain_oom, is_oom, new_model, tensors_of
+from trainer.loop import DivergedError, TensorData, fit
+from trainer.models import explain_oom, is_oom, new_model
 from tuning.space import decode_config, variant_key
 
 CKPT_FILE = "checkpoint.pt"
@@ -41,7 +42,7 @@ class Shared:
 
     spec: Any
     prepared: dict[str, Any]
-    """variant key -> ObjectRef of a Prepared."""
+    """variant key -> ObjectRef of an ArrayData."""
     raw: Any
     """ObjectRef of the RawData, for imputation choices that cannot be enumerated."""
     checkpoint_every: int
@@ -58,11 +59,14 @@ def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[Any, dict[str, A
     return shared.spec.with_overrides(overrides), overrides
 
 
-def get_prepared(shared: Shared, spec: Any, overrides: dict[str, Any]) -> Prepared:
+def get_prepared(shared: Shared, spec: Any, overrides: dict[str, Any]) -> ArrayData:
     ref = shared.prepared.get(variant_key(overrides))
     if ref is not None:
         return ray.get(ref)
-    return prepare(ray.get(shared.raw), spec.impute)
+    # an imputation choice that could not be enumerated: fit it here (imports pandas + sklearn)
+    from trainer.pipeline import prepare
+
+    return prepare(ray.get(shared.raw), spec.impute).arrays()
 
 
 def _should_save(metrics: dict[str, Any], best: list[float], every: int, epochs: int) -> bool:
@@ -102,7 +106,7 @@ def _run_trial(config: dict[str, Any], shared: Shared) -> None:
     spec, overrides = trial_spec(shared, config)
     torch.set_num_threads(spec.train.threads)
     prepared = get_prepared(shared, spec, overrides)
-    data = tensors_of(prepared)
+    data = TensorData.from_prepared(prepared)
     net = new_model(spec.model, prepared, seed=spec.train.seed)
     best = [float("inf")]
     fault = _fault_hook(shared)
@@ -194,8 +198,8 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(Path(d) / CKPT_FILE)
     try:
-        fit(model, tensors_of(prepared), spec.train, on_epoch=on_epoch, checkpoint=state,
-            checkpoint_every=1 if rank == 0 else 0)
+        fit(model, TensorData.from_prepared(prepared), spec.train, on_epoch=on_epoch,
+            checkpoint=state, checkpoint_every=1 if rank == 0 else 0)
     except DivergedError as exc:
         ray.train.report({**diverged_metrics(spec, exc), **extra})
 

@@ -1,0 +1,39 @@
+"""The arrays a trial trains on, without the fitted preprocessor that made them.
+
+A sweep prepares the data once in the driver and hands every trial these arrays through
+Ray's object store. Shipping the whole ``trainer.pipeline.Prepared`` would make every trial
+worker unpickle the fitted imputer and encoder, and so import pandas' and scikit-learn's
+modules (and SciPy's) that a training loop never uses: measured at 5.2 s of CPU per trial
+worker against 3.7 s for these arrays (benchmarks/README.md, bench_sweep). This module
+imports NumPy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ArrayData:
+    """Train / val / test arrays and what a model needs to know of the target."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    task: str
+    n_classes: int
+    y_mean: float = 0.0
+    y_scale: float = 1.0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes if self.task == "classification" else 1
