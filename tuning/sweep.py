@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 
 from trainer.pipeline import Prepared, RawData, prepare, split_data
 from tuning import registry
@@ -230,7 +231,12 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
                            spec.train.epochs, spec.train.early_stopping) \
         if logger and parent else None
     progress = ProgressCallback(spec, strategy, quiet=quiet)
-    callbacks: list[Any] = [progress, PgJanitor()] + (
+    # Tune's default loggers write each result three times per trial (JSON, CSV and a
+    # TensorBoard event file, with a writer thread per trial) from the driver, whose CPU
+    # the trials then lack; results.json is what rungwise reads back, so only it is kept.
+    # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in the environment brings the others back.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    callbacks: list[Any] = [progress, PgJanitor(), JsonLoggerCallback()] + (
         [MlflowSweepCallback(tracker)] if tracker else [])
     try:
         tuner = _tuner(spec, strategy, _trainable(spec, shared), path, callbacks, resume)
