@@ -1,12 +1,13 @@
 """Run every benchmark, one after the other, each in its own process.
 
 Each script prints one JSON line on stdout (its progress goes to stderr, shown live). The
-lines are collected into benchmarks/results.json with the machine's description (CPU count
-and model, load average before and after, torch / ray / mlflow versions, date), and a
-markdown table (bench, metric, value, target, met?) is printed on stdout.
+lines are collected into benchmarks/results.json (``--quick``: results-quick.json) with the
+machine's description (CPU count and model, load average before and after, torch / ray /
+mlflow versions, date), and a markdown table (bench, metric, value, target, met?) is
+printed on stdout.
 
 ``--quick`` passes ``--quick`` to the scripts that accept it (bench_sweep, bench_search,
-bench_coldstart) and runs the others (bench_impute, bench_trainer) as they are; the whole
+bench_coldstart, bench_gpu) and runs the others (bench_impute, bench_trainer) as they are; the whole
 quick run is meant to finish in under 10 minutes on 2 idle cores.
 
 Timings are only comparable on a quiet machine: the load average is recorded so that a noisy
@@ -31,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from common import check, machine_info  # noqa: E402
 
 SCRIPTS = ["bench_impute.py", "bench_trainer.py", "bench_sweep.py", "bench_search.py",
-           "bench_coldstart.py"]
+           "bench_coldstart.py", "bench_gpu.py"]
 
 # Targets of the scripts that do not print their own ``checks`` (from their docstrings);
 # op None = reported without a target.
@@ -114,12 +115,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="a subset, by name: impute trainer sweep search coldstart")
+                        help="a subset, by name: impute trainer sweep search coldstart gpu")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per script (default 600, quick 300)")
-    parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument("--out", default=None,
+                        help="default benchmarks/results.json (quick: results-quick.json, so "
+                             "a quick run never replaces the full figures the README cites)")
     args = parser.parse_args()
     timeout = args.timeout or (300 if args.quick else 3600)
+    args.out = args.out or str(HERE / ("results-quick.json" if args.quick else "results.json"))
     scripts = [HERE / s for s in SCRIPTS
                if args.only is None or s.removeprefix("bench_").removesuffix(".py") in args.only]
     machine = machine_info()
