@@ -11,12 +11,31 @@ imports NumPy only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 
+class Shapes:
+    """``input_shape`` and ``n_outputs`` of the splits (arrays here, tensors in
+    ``trainer.loop.TensorData``)."""
+
+    x_train: Any
+    task: str
+    n_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the network's last layer: one logit per class, or 1 for regression."""
+        return self.n_classes if self.task == "classification" else 1
+
+
 @dataclass
-class ArrayData:
+class ArrayData(Shapes):
     """Train / val / test arrays and what a model needs to know of the target."""
 
     x_train: np.ndarray
@@ -29,11 +48,3 @@ class ArrayData:
     n_classes: int
     y_mean: float = 0.0
     y_scale: float = 1.0
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-    @property
-    def n_outputs(self) -> int:
-        return self.n_classes if self.task == "classification" else 1

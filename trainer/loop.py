@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.arrays import Shapes
 from trainer.checkpoint import copy_tensors, make_checkpoint, restore_checkpoint
 from trainer.metrics import LossFn, evaluate, loss_function
 from trainer.models import (
@@ -53,7 +54,7 @@ class DivergedError(RuntimeError):
 
 
 @dataclass
-class TensorData:
+class TensorData(Shapes):
     """Train / val / test tensors. x float32; y int64 (classes) or float32 (standardised)."""
 
     x_train: torch.Tensor
@@ -107,14 +108,6 @@ class TensorData:
 
     def to(self, device: torch.device | str) -> TensorData:
         return replace(self, **{name: getattr(self, name).to(device) for name in _SPLITS})
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-    @property
-    def n_outputs(self) -> int:
-        return self.n_classes if self.task == "classification" else 1
 
 
 @dataclass(kw_only=True, slots=True)

@@ -7,7 +7,7 @@ and prepares once per distinct imputation choice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -42,34 +42,19 @@ class RawData:
     task: str
 
 
-@dataclass
-class Prepared:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    task: str
-    n_classes: int
+@dataclass(kw_only=True)
+class Prepared(ArrayData):
+    """The arrays and the fitted preprocessor that made them (kept in the driver)."""
+
     preprocessor: Any
     fingerprint: str
-    y_mean: float = 0.0
-    y_scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
     example: pd.DataFrame | None = None
     """A few raw validation rows (missing values first): the model's input example."""
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
     def arrays(self) -> ArrayData:
         """The arrays alone (no preprocessor): what a sweep's trials are sent."""
-        return ArrayData(x_train=self.x_train, y_train=self.y_train, x_val=self.x_val,
-                         y_val=self.y_val, x_test=self.x_test, y_test=self.y_test,
-                         task=self.task, n_classes=self.n_classes, y_mean=self.y_mean,
-                         y_scale=self.y_scale)
+        return ArrayData(**{f.name: getattr(self, f.name) for f in fields(ArrayData)})
 
 
 def split_data(data: Any) -> RawData:

@@ -215,7 +215,12 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     path, state = _paths(spec, resume)
     raw = split_data(spec.data)  # data errors before Ray starts
     # imputation + encoding and the tracking store's first open overlap with ray.init
-    prep = Background(lambda: (prepare_variants(spec, raw), warm_store(uri))[0])
+    def prepare_and_open_store() -> dict[str, Prepared]:
+        local = prepare_variants(spec, raw)
+        warm_store(uri)
+        return local
+
+    prep = Background(prepare_and_open_store)
     init_ray(address)
     _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
     local = prep.result()
