@@ -330,12 +330,12 @@ def instrument(probe: Probe) -> Iterator[Probe]:
 
     Phases (seconds): ray_init, data_read_split, prepare (impute + encode, once per
     imputation variant) and mlflow_store_open (the tracking store's first open: SQLite
-    migrations), both in a thread during ray_init, prep_wait (the driver waiting for that
-    thread after ray_init), object_store_put (every ray.put), mlflow_parent_open (experiment +
-    parent run + params + spec.yaml), tuner_fit (Tuner.fit), mlflow_callbacks (driver-side
-    work of the MLflow Tune callback: child run creation, queueing metrics, end tags),
-    finish (everything after fit: evaluate_best, mlflow_flush, mlflow_summarise,
-    mlflow_log_model, mlflow_register, parent end).
+    migrations), both in a thread during ray_init (the driver's wait for that thread after
+    ray_init, if any, falls in ``other``), object_store_put (every ray.put),
+    mlflow_parent_open (experiment + parent run + params + spec.yaml), tuner_fit
+    (Tuner.fit), mlflow_callbacks (driver-side work of the MLflow Tune callback: child run
+    creation, queueing metrics, end tags), finish (everything after fit: evaluate_best,
+    mlflow_flush, mlflow_summarise, mlflow_log_model, mlflow_register, parent end).
     """
     import ray
     from ray import tune
@@ -366,7 +366,6 @@ def instrument(probe: Probe) -> Iterator[Probe]:
     patch(sweep, "split_data", "data_read_split")
     patch(sweep, "prepare", "prepare")
     patch(sweep, "warm_store", "mlflow_store_open")
-    patch(sweep.Background, "result", "prep_wait")
     patch(ray, "put", "object_store_put")
     patch(parent.ParentRun, "open", "mlflow_parent_open")
     patch(parent.ParentRun, "summarise", "mlflow_summarise")
@@ -504,9 +503,8 @@ class CpuMeter:
 def phases(probe: Probe, wall: float) -> dict[str, float | None]:
     """The probe's phase times, and ``other`` = wall minus the top-level phases."""
     ph = dict(probe.phases)
-    # prepare and mlflow_store_open run in a thread during ray_init; prep_wait is what the
-    # driver then still waits for them
-    top = ("ray_init", "data_read_split", "prep_wait", "object_store_put", "mlflow_parent_open",
+    # prepare and mlflow_store_open run in a thread during ray_init, so they are not top-level
+    top = ("ray_init", "data_read_split", "object_store_put", "mlflow_parent_open",
            "mlflow_tracker_init", "tuner_fit", "finish")
     out: dict[str, float | None] = {f"{k}_s": r(v) for k, v in sorted(ph.items())}
     out["other_s"] = r(wall - sum(ph.get(k, 0.0) for k in top))

@@ -2,10 +2,10 @@
 
 A sweep prepares the data once in the driver and hands every trial these arrays through
 Ray's object store. Shipping the whole ``trainer.pipeline.Prepared`` would make every trial
-worker unpickle the fitted imputer and encoder, and so import pandas' and scikit-learn's
-modules (and SciPy's) that a training loop never uses: measured at 5.2 s of CPU per trial
-worker against 3.7 s for these arrays (benchmarks/README.md, bench_sweep). This module
-imports NumPy only.
+worker unpickle the fitted imputer and encoder, and so import scikit-learn and SciPy, which
+a training loop never uses (measured in bench_sweep's 16 x 20 sweep: Tuner.fit to the first
+trial result went from 8.4 s to 6.1 s when trials got these arrays instead; see README.md,
+Speed). This module imports NumPy only.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ class TensorData(Shapes):
 
     @classmethod
     def from_prepared(cls, prepared: Any) -> TensorData:
-        """From any object with the same attributes (``trainer.pipeline.Prepared``)."""
+        """From any object with the same attributes (``trainer.arrays.ArrayData``,
+        ``trainer.pipeline.Prepared``)."""
         arrays = {name: getattr(prepared, name) for name in _SPLITS}
         return cls.from_numpy(**arrays, task=prepared.task, n_classes=prepared.n_classes,
                               y_mean=prepared.y_mean, y_scale=prepared.y_scale)

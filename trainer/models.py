@@ -235,8 +235,7 @@ def param_device(model: nn.Module) -> torch.device:
 
 def new_model(model_spec: Any, data: Any, seed: int) -> torch.nn.Module:
     """The spec's network for ``data`` (a Prepared, ArrayData or TensorData)."""
-    n_outputs = data.n_classes if data.task == "classification" else 1
-    return build_model(model_spec, data.input_shape, n_outputs, seed=seed)
+    return build_model(model_spec, data.input_shape, data.n_outputs, seed=seed)
 
 
 class OutOfMemory(RuntimeError):

@@ -38,7 +38,7 @@ def make_bundle(model_spec: Any, prepared: Prepared, net: torch.nn.Module,
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     return ModelBundle(preprocessor=pre, model_spec=spec_dict,
                        input_shape=prepared.input_shape,
-                       n_outputs=prepared.n_classes if prepared.task == "classification" else 1,
+                       n_outputs=prepared.n_outputs,
                        task=prepared.task, state_dict=state, feature_columns=features,
                        metrics=dict(metrics or {}))
 

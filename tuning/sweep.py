@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,30 +87,6 @@ def share_data(local: dict[str, Prepared]) -> dict[str, Any]:
     return {k: ray.put(p.arrays()) for k, p in local.items()}
 
 
-class Background:
-    """Run ``fn`` in a thread while the caller does something else (here: ``ray.init``);
-    ``result()`` waits and re-raises its exception. Not a daemon: a SQLite migration is
-    never cut off half-way by the interpreter exiting."""
-
-    def __init__(self, fn: Any) -> None:
-        self._out: list[Any] = []
-        self._err: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="rungwise-prep")
-        self._thread.start()
-
-    def _run(self, fn: Any) -> None:
-        try:
-            self._out.append(fn())
-        except BaseException as exc:  # handed to the caller by result()
-            self._err.append(exc)
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._err:
-            raise self._err[0]
-        return self._out[0]
-
-
 def warm_store(uri: str | None) -> None:
     """Open the tracking store once: on a fresh SQLite file this runs MLflow's schema
     migrations (about 5 s here), which then overlap with ``ray.init`` instead of following it."""
@@ -117,6 +94,12 @@ def warm_store(uri: str | None) -> None:
         from tuning.tracking import client
 
         client(uri).search_experiments(max_results=1)
+
+
+def _prepare_and_open_store(spec: Any, raw: RawData, uri: str | None) -> dict[str, Prepared]:
+    local = prepare_variants(spec, raw)
+    warm_store(uri)
+    return local
 
 
 def _trainable(spec: Any, shared: Shared) -> Any:
@@ -214,16 +197,14 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
         check_reachable(uri)
     path, state = _paths(spec, resume)
     raw = split_data(spec.data)  # data errors before Ray starts
-    # imputation + encoding and the tracking store's first open overlap with ray.init
-    def prepare_and_open_store() -> dict[str, Prepared]:
-        local = prepare_variants(spec, raw)
-        warm_store(uri)
-        return local
-
-    prep = Background(prepare_and_open_store)
-    init_ray(address)
-    _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
-    local = prep.result()
+    # imputation + encoding and the tracking store's first open (SQLite migrations) overlap
+    # with ray.init; leaving the block waits for the thread even when ray.init fails, so a
+    # migration is never cut off half-way
+    with ThreadPoolExecutor(1, thread_name_prefix="rungwise-prep") as pool:
+        prep = pool.submit(_prepare_and_open_store, spec, raw, uri)
+        init_ray(address)
+        _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
+        local = prep.result()
     refs = share_data(local)
     _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
@@ -238,7 +219,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     progress = ProgressCallback(spec, strategy, quiet=quiet)
     # Tune's default loggers write each result three times per trial (JSON, CSV and a
     # TensorBoard event file, with a writer thread per trial) from the driver, whose CPU
-    # the trials then lack; results.json is what rungwise reads back, so only it is kept.
+    # the trials then lack; result.json is what rungwise reads back, so only it is kept.
     # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in the environment brings the others back.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     callbacks: list[Any] = [progress, PgJanitor(), JsonLoggerCallback()] + (
