@@ -29,6 +29,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
                       ("trainer.loop", "DivergedError"),
                       ("trainer.models", "ModelError"),
                       ("trainer.models", "OutOfMemory"),
+                      ("trainer.preprocessor_state", "PreprocessorFormatError"),
                       ("tuning.errors", "RungwiseError")):
         module = sys.modules.get(mod)
         if module is not None and hasattr(module, name):

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -253,9 +254,14 @@ def refit_challenger(spec: Any, raw: Any, uri: str, overrides: dict[str, Any]) -
 
 def score(uri: str, name: str, alias: str, rows: Any, y: Any, metric: str) -> float:
     """``metric`` of ``models:/name@alias`` on raw rows; NaN when the model cannot score them."""
+    from trainer.preprocessor_state import PreprocessorFormatError
     from tuning.registry import load_bundle
 
-    bundle = load_bundle(uri, name, alias)
+    try:  # an artifact rungwise cannot load safely (an old pickle) scores like a broken one
+        bundle = load_bundle(uri, name, alias)
+    except PreprocessorFormatError as exc:
+        print(f"rungwise: {name}@{alias} cannot be scored: {exc}", file=sys.stderr)
+        return math.nan
     try:
         return float(bundle.evaluate(rows, y, prefix="test_").get(metric, math.nan))
     except (ValueError, KeyError, IndexError):  # e.g. a column or class it never saw

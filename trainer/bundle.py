@@ -1,14 +1,15 @@
 """A trained network with its fitted preprocessing: predicts on raw rows with missing values.
 
-This is what the registry holds. Saved as three files: the network's weights
-(``weights.pt``, loaded with ``torch.load(weights_only=True)``), the fitted imputer + encoder
-(``preprocessor.pkl``) and ``bundle.json`` (the model section of the spec, shapes, task).
+This is what the registry holds. Saved as data only, no pickle anywhere: the network's weights
+(``weights.pt``, loaded with ``torch.load(weights_only=True)``), the fitted imputer + encoder as
+numbers and names (``preprocessor.json`` + ``preprocessor.npz``, see
+``trainer.preprocessor_state``) and ``bundle.json`` (the model section of the spec, shapes,
+task). A tampered artifact can make a wrong model, never run code.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from trainer import preprocessor_state
 from trainer.loop import predict, predict_proba
 from trainer.models import build_model
 
@@ -106,8 +108,7 @@ class ModelBundle:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict, d / "weights.pt")
-        with open(d / "preprocessor.pkl", "wb") as fh:
-            pickle.dump(self.preprocessor, fh)
+        preprocessor_state.save(self.preprocessor, d)
         meta = {"model_spec": self.model_spec, "input_shape": list(self.input_shape),
                 "n_outputs": self.n_outputs, "task": self.task,
                 "feature_columns": self.feature_columns, "metrics": self.metrics}
@@ -118,49 +119,12 @@ class ModelBundle:
     def load(cls, directory: str | Path) -> ModelBundle:
         d = Path(directory)
         meta = json.loads((d / "bundle.json").read_text())
+        pre = preprocessor_state.load(d)  # before the weights: an old artifact fails first
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
-        with open(d / "preprocessor.pkl", "rb") as fh:
-            pre = SafeUnpickler(fh).load()
         return cls(preprocessor=pre, model_spec=meta["model_spec"],
                    input_shape=tuple(meta["input_shape"]), n_outputs=meta["n_outputs"],
                    task=meta["task"], state_dict=state,
                    feature_columns=meta["feature_columns"], metrics=meta.get("metrics", {}))
-
-
-_SAFE_FUNCTIONS = {
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy.random._pickle", "__randomstate_ctor"),
-    ("numpy.random._pickle", "__bit_generator_ctor"),
-    ("numpy.random._pickle", "__generator_ctor"), ("copyreg", "_reconstructor"),
-    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
-    ("pandas.core.internals.blocks", "new_block"), ("pandas._libs.internals", "_unpickle_block"),
-}
-_SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "range", "bytearray", "bytes", "dict",
-                  "list", "tuple", "object", "int", "float", "str", "bool"}
-_PANDAS_TOP = {"StringDtype", "CategoricalDtype", "Index", "RangeIndex", "Series", "DataFrame",
-               "Categorical", "Int64Dtype", "Float64Dtype", "BooleanDtype"}
-_CLASS_MODULES = ("trainer.", "sklearn.", "numpy", "pandas.core.", "pandas._libs.",
-                  "collections", "datetime")
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles the fitted preprocessing, and nothing else: classes of rungwise,
-    scikit-learn, numpy and pandas' data structures, and numpy's array rebuilders. A pickle
-    that names ``os.system``, ``subprocess.Popen`` or ``builtins.eval`` is refused, which
-    makes a tampered model artifact an error instead of code execution."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_FUNCTIONS:
-            return super().find_class(module, name)
-        allowed = (module == "builtins" and name in _SAFE_BUILTINS) or (
-            module == "pandas" and name in _PANDAS_TOP) or module.startswith(_CLASS_MODULES)
-        if allowed:
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):
-                return obj
-        raise pickle.UnpicklingError(f"preprocessor.pkl: refusing to load {module}.{name} "
-                                     "(only preprocessing classes are allowed)")
 
 
 def _image_array(rows: Any) -> np.ndarray:

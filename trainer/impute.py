@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.exceptions import NotFittedError
+
+from trainer.model_impute import ChainImputer, fit_chain
 
 NUMERIC_STRATEGIES = ("mean", "median", "mode", "constant", "model", "drop_rows")
 CATEGORICAL_STRATEGIES = ("mode", "constant", "category", "drop_rows")
 MISSING = "__missing__"
 INDICATOR_SUFFIX = "__missing"
-MODEL_MAX_ROWS = 50_000
-MODEL_SEED = 0
 _ALTERNATIVES = {
     "numeric": "mean/median/mode/constant/model",
     "categorical": "mode/constant/category",
@@ -54,9 +54,10 @@ class Imputer(BaseEstimator):
     ``missing_fraction_`` (over all rows given to ``fit``), ``dropped_columns_``,
     ``numeric_columns_`` / ``categorical_columns_`` (kept, input order), ``drop_rows_columns_``,
     ``statistics_`` (column -> fill value; for ``model`` the IterativeImputer's initial mean),
-    ``indicator_columns_``, ``dtypes_``, ``model_`` (IterativeImputer or None) and
-    ``feature_names_out_``. With ``drop_rows`` the statistics of the other columns come from the
-    rows that survive, i.e. exactly the rows ``fit_transform`` returns for training.
+    ``indicator_columns_``, ``dtypes_``, ``model_`` (a ``ChainImputer`` copied out of a fitted
+    IterativeImputer, or None) and ``feature_names_out_``. With ``drop_rows`` the statistics of
+    the other columns come from the rows that survive, i.e. exactly the rows ``fit_transform``
+    returns for training.
 
     ``plan()`` (fitted) and ``describe_plan(df_train)`` (fits a copy) return one dict per input
     column with ``column``, ``kind``, ``missing_fraction``, ``action``, ``fill`` and ``indicator``,
@@ -144,7 +145,7 @@ class Imputer(BaseEstimator):
         num, cat = self.numeric_columns_, self.categorical_columns_
         if self.numeric == "model" and num:
             model = _fit_model(train[num])
-            stats.update(zip(num, map(float, model.initial_imputer_.statistics_), strict=True))
+            stats.update(zip(num, map(float, model.statistics), strict=True))
         elif self.numeric != "drop_rows":
             number = 0.0 if self.fill_value is None else float(self.fill_value)
             stats.update(_statistics(train, num, self.numeric, number))
@@ -336,30 +337,18 @@ def _mode(s: pd.Series) -> Any:
     return float(top) if pd.api.types.is_numeric_dtype(s.dtype) else str(top)
 
 
-def _fit_model(num: pd.DataFrame) -> Any:
-    """IterativeImputer on at most MODEL_MAX_ROWS training rows sampled with a fixed seed."""
-    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
-    from sklearn.impute import IterativeImputer
-
-    x = num.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
-    if len(x) > MODEL_MAX_ROWS:
-        rows = np.random.default_rng(MODEL_SEED).choice(len(x), MODEL_MAX_ROWS, replace=False)
-        x = x[np.sort(rows)]
-    model = IterativeImputer(random_state=MODEL_SEED, keep_empty_features=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(x)
+def _fit_model(num: pd.DataFrame) -> ChainImputer:
+    """The model imputer, fitted on the training rows (see ``trainer.model_impute``)."""
+    return fit_chain(num.to_numpy(dtype=np.float64, na_value=np.nan, copy=True))
 
 
-def _apply_model(model: Any, out: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    """Run the IterativeImputer only on rows that need it (most rows are usually complete)."""
+def _apply_model(model: ChainImputer, out: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Run the model imputer only on rows that need it (most rows are usually complete)."""
     x = out[cols].to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     rows = np.isnan(x).any(axis=1)
     if not rows.any():
         return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        x[rows] = model.transform(x[rows])
+    x[rows] = model.transform(x[rows])
     out = out.copy(deep=False)
     for j, c in enumerate(cols):
         out[c] = x[:, j].astype(out[c].dtype, copy=False)

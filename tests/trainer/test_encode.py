@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.exceptions import NotFittedError
 
+from trainer import preprocessor_state
 from trainer.encode import Preprocessor, TabularEncoder, TargetEncoder
 from trainer.impute import Imputer, MissingAtPredictionError
 
@@ -122,7 +123,7 @@ def test_target_encoder_errors():
 
 
 # -------------------------------------------------------------------- Preprocessor
-def test_preprocessor_classification_end_to_end():
+def test_preprocessor_classification_end_to_end(tmp_path):
     X, y = raw_frame(), pd.Series(list("ABABAB"), index=list("abcdef"))
     pre = Preprocessor(Imputer(numeric="mean", categorical="category", indicator=True),
                        "classification")
@@ -133,7 +134,8 @@ def test_preprocessor_classification_end_to_end():
                                       "color=red", "age__missing", "color__missing"]
     assert x.shape == (6, 7) and x.dtype == np.float32 and not np.isnan(x).any()
     assert yy.tolist() == [0, 1, 0, 1, 0, 1]
-    served = pickle.loads(pickle.dumps(pre))
+    preprocessor_state.save(pre, tmp_path)  # what the registered model holds
+    served = preprocessor_state.load(tmp_path)
     raw = pd.DataFrame({"age": [np.nan], "color": pd.array([None], dtype="str")}, index=["p"])
     xp, yp, idx = served.transform(raw)
     assert yp is None and list(idx) == ["p"]

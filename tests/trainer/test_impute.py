@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 from sklearn.exceptions import NotFittedError
 from sklearn.impute import SimpleImputer
 
-from trainer import impute as impute_mod
+from trainer import model_impute, preprocessor_state
 from trainer.encode import Preprocessor, TabularEncoder
 from trainer.impute import (
     CATEGORICAL_STRATEGIES,
@@ -294,7 +294,7 @@ def test_model_strategy_uses_other_columns():
 
 
 def test_model_training_rows_are_capped_with_a_fixed_seed(monkeypatch):
-    monkeypatch.setattr(impute_mod, "MODEL_MAX_ROWS", 20)
+    monkeypatch.setattr(model_impute, "MODEL_MAX_ROWS", 20)
     df = pd.DataFrame({"x": np.arange(100.0), "y": np.arange(100.0) % 7})
     a = Imputer(numeric="model").fit(df)
     b = Imputer(numeric="model").fit(df)
@@ -316,6 +316,20 @@ def test_plan_describes_each_column():
     assert plan["empty"]["action"] == "drop column (no observed value)"
     imp = Imputer(numeric="drop_rows").fit(train_frame())
     assert imp.plan()[0]["action"] == "drop rows"
+
+
+@pytest.mark.parametrize(("numeric", "categorical"), COMBOS)
+def test_saved_format_round_trip_gives_identical_output(tmp_path, numeric, categorical):
+    """Every strategy's fitted imputer survives the artifact format (JSON + npz, no pickle)."""
+    train = train_frame()
+    imp = Imputer(numeric=numeric, categorical=categorical, indicator=True)
+    pre = Preprocessor(imp, "regression").fit(train, pd.Series(np.arange(len(train.index)),
+                                                               index=train.index, dtype=float))
+    preprocessor_state.save(pre, tmp_path)
+    clone = preprocessor_state.load(tmp_path).imputer
+    test = fillable_test_frame(numeric, categorical)
+    pd.testing.assert_frame_equal(clone.transform(test), imp.transform(test))
+    assert clone.statistics_ == imp.statistics_ and clone.dtypes_ == imp.dtypes_
 
 
 @pytest.mark.parametrize(("numeric", "categorical"), COMBOS)
@@ -370,7 +384,7 @@ def test_imputed_frame_with_unseen_category_encodes_to_zeros():
     assert x[1, work].sum() == 1.0  # missing -> mode "priv"
 
 
-def test_preprocessor_end_to_end_on_missing_values():
+def test_preprocessor_end_to_end_on_missing_values(tmp_path):
     train = train_frame()
     y = pd.Series(["<=50K", ">50K"] * 5, index=train.index)
     pre = Preprocessor(Imputer(numeric="median", categorical="category", indicator=True),
@@ -378,7 +392,29 @@ def test_preprocessor_end_to_end_on_missing_values():
     x, yy = pre.fit_transform(train, y)
     assert x.dtype == np.float32 and x.shape == (10, len(pre.feature_names_out_))
     assert yy.tolist() == [0, 1] * 5
-    served = pickle.loads(pickle.dumps(pre))
+    preprocessor_state.save(pre, tmp_path)  # what the registered model holds
+    served = preprocessor_state.load(tmp_path)
     xt, yt, idx = served.transform(holdout_frame())
     assert yt is None and list(idx) == ["t0", "t1"] and not np.isnan(xt).any()
     np.testing.assert_array_equal(xt, pre.transform(holdout_frame())[0])
+
+
+def test_the_model_imputer_replays_iterative_imputer_exactly():
+    """``ChainImputer`` (plain arrays) fills exactly what scikit-learn's IterativeImputer does."""
+    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
+    from sklearn.impute import IterativeImputer
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 5))
+    x[:, 1] += 2 * x[:, 0]
+    x[rng.random(x.shape) < 0.2] = np.nan
+    chain = model_impute.fit_chain(x.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = IterativeImputer(random_state=model_impute.MODEL_SEED,
+                                     keep_empty_features=True).fit(x.copy())
+    test = rng.normal(size=(200, 5))
+    test[rng.random(test.shape) < 0.3] = np.nan
+    test[0] = np.nan  # a row with nothing observed
+    np.testing.assert_array_equal(chain.transform(test.copy()), reference.transform(test.copy()))
+    assert len(chain.feature) == 5 * reference.n_iter_
