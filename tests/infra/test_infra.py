@@ -28,6 +28,7 @@ DOCKERIGNORE = INFRA / "Dockerfile.dockerignore"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 RAYJOB = INFRA / "kuberay" / "rayjob.yaml"
 CRONJOB = INFRA / "kubernetes" / "cronjob.yaml"
+MLFLOW_K8S = INFRA / "kubernetes" / "mlflow.yaml"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
 MLFLOW_DOCKERFILE = INFRA / "mlflow" / "Dockerfile"
 ENV_EXAMPLE = INFRA / "mlflow" / ".env.example"
@@ -35,7 +36,7 @@ LAUNCHER = INFRA / "cluster" / "aws.yaml"
 README = INFRA / "README.md"
 DEMO_SPEC = ROOT / "examples" / "adult.yaml"
 
-REQUIRED_FILES = [DOCKERFILE, DOCKERIGNORE, RAYCLUSTER, RAYJOB, CRONJOB, COMPOSE,
+REQUIRED_FILES = [DOCKERFILE, DOCKERIGNORE, RAYCLUSTER, RAYJOB, CRONJOB, MLFLOW_K8S, COMPOSE,
                   MLFLOW_DOCKERFILE, ENV_EXAMPLE, LAUNCHER, README]
 
 # The CLI's subcommands (jobs/cli.py and the job commands it registers in jobs/commands.py).
@@ -173,7 +174,7 @@ def test_required_file_exists(path: Path) -> None:
 
 def test_every_yaml_file_is_listed() -> None:
     """A new YAML file under infra/ must be added to the checks above."""
-    known = {RAYCLUSTER, RAYJOB, CRONJOB, COMPOSE, LAUNCHER}
+    known = {RAYCLUSTER, RAYJOB, CRONJOB, MLFLOW_K8S, COMPOSE, LAUNCHER}
     assert set(yaml_files()) == known
 
 
@@ -296,7 +297,7 @@ def test_tracking_uri_reaches_every_ray_node(cluster: tuple[str, dict[str, Any]]
 def test_rayjob_runs_the_sweep_and_cleans_up() -> None:
     spec = load_one(RAYJOB)["spec"]
     entry = spec["entrypoint"]
-    assert "rungwise tune" in entry
+    assert "-m jobs tune" in entry, entry
     assert "/app/examples/adult.yaml" in entry, "the spec baked into the image"
     assert spec["shutdownAfterJobFinishes"] is True
     ttl = spec["ttlSecondsAfterFinished"]
@@ -345,11 +346,13 @@ def test_cronjob_runs_retrain() -> None:
     c = _cron_container()
     image_of(rel(CRONJOB), c)
     assert_resources(rel(CRONJOB), c)
+    # Flags only: the words of the command itself are checked as argv, item by item, in
+    # test_manifests.py::test_cronjob_entrypoint_is_one_argv_word_per_word.
     cmd = command_text(c.get("command")) + " " + command_text(c.get("args"))
-    # Either `ray job submit ... -- rungwise retrain SPEC` or
+    # Either `ray job submit ... -- python -m jobs retrain SPEC` or
     # `rungwise submit SPEC --command retrain --follow`: both wait for the Ray job to end.
     via_submit = re.search(r"rungwise submit\b.*--command[ =]retrain\b", cmd)
-    assert "rungwise retrain" in cmd or via_submit, cmd
+    assert "-m jobs retrain" in cmd or via_submit, cmd
     if via_submit:
         assert "--follow" in cmd, "without --follow the pod ends when the job starts"
     assert "/app/examples/adult.yaml" in cmd, cmd
@@ -634,7 +637,7 @@ def test_dockerignore_keeps_secrets_and_environments_out() -> None:
 # --------------------------------------------------------------------------- commands
 
 
-_SUB = re.compile(r"\brungwise[ \t]+([a-z][\w-]*)")
+_SUB = re.compile(r"(?:\brungwise|-m[ \t]+jobs)[ \t]+([a-z][\w-]*)")
 
 
 def _yaml_strings(node: Any) -> Iterator[str]:
@@ -667,7 +670,7 @@ def _rungwise_subcommands() -> list[tuple[str, str]]:
         for doc in load_docs(path):
             for seq in _string_lists(doc):
                 for i, item in enumerate(seq[:-1]):
-                    if item == "rungwise":
+                    if item == "rungwise" or (item == "jobs" and i and seq[i - 1] == "-m"):
                         found.append((rel(path), seq[i + 1]))
     return found
 
