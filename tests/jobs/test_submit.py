@@ -28,16 +28,9 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import UserError
-from jobs.submit import (
-    SubmitRequest,
-    auth_headers,
-    entrypoint,
-    excludes_for,
-    is_local_uri,
-    project_root,
-    resolve_address,
-    upload_size,
-)
+from jobs.cluster import auth_headers, resolve_address
+from jobs.submit import SubmitRequest, entrypoint, is_local_uri
+from jobs.upload import collect, excludes_for, project_root
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "tests/jobs/tiny_adult.yaml"
@@ -72,7 +65,7 @@ def test_excludes_keep_the_spec_itself() -> None:
     assert "tests" not in kept and ".venv" in kept
 
 
-def test_project_root_and_upload_size(tmp_path: Path) -> None:
+def test_project_root_and_collect(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
     (tmp_path / "specs").mkdir()
     (tmp_path / "specs" / "a.yaml").write_bytes(b"x" * 100)
@@ -81,10 +74,12 @@ def test_project_root_and_upload_size(tmp_path: Path) -> None:
         (tmp_path / junk).write_bytes(b"y" * 10_000)
     (tmp_path / ".gitignore").write_text("build/\n")
     assert project_root(tmp_path / "specs" / "a.yaml") == tmp_path
-    size = upload_size(tmp_path, excludes_for(Path("specs/a.yaml")))
-    assert size == 100 + len("[project]\nname='x'\n") + len("build/\n")
+    upload = collect(tmp_path, excludes_for(Path("specs/a.yaml")))
+    assert list(upload.files) == [".gitignore", "pyproject.toml", "specs/a.yaml"]
     (tmp_path / "pyproject.toml").unlink()
-    assert project_root(tmp_path / "specs" / "a.yaml") == tmp_path / "specs"
+    with pytest.raises(UserError, match="no pyproject.toml.*--working-dir"):
+        project_root(tmp_path / "specs" / "a.yaml")
+    assert project_root(tmp_path / "specs" / "a.yaml", str(tmp_path)) == tmp_path
 
 
 def test_resolve_address(monkeypatch: pytest.MonkeyPatch) -> None:
