@@ -370,6 +370,29 @@ def test_submit_runs_and_tracks(head: Head, command: str, tmp_path: Path) -> Non
     assert len(runs) == (1 if command == "train" else 3)  # tune: parent + 2 trials
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_cluster_gets_exactly_the_dry_run_listing(head: Head, tmp_path: Path) -> None:
+    """A project full of secrets and links out (test_submit_secrets.py) submitted for real: the
+    job (the project's own `python -m jobs`) lists the files it was given, with their hashes."""
+    import hashlib
+
+    from tests.jobs.test_submit_secrets import EXPECTED, MARK, listed, make_project
+
+    proj = make_project(tmp_path)
+    spec = str(proj / "specs" / "job.yaml")
+    dry = rungwise(head, "submit", spec, "--command", "inspect", "--dry-run",
+                   "--address", head.address)
+    assert dry.returncode == 0 and listed(dry.stdout) == sorted(EXPECTED), dry.stderr
+    out = rungwise(head, "submit", spec, "--address", head.address, "--command", "inspect",
+                   "--follow")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = dict(ln.split()[1:3] for ln in out.stdout.splitlines() if ln.startswith("FILE "))
+    assert sorted(got) == sorted(EXPECTED)
+    assert got == {n: hashlib.sha256((proj / n).read_bytes()).hexdigest() for n in EXPECTED}
+    assert MARK not in out.stdout + out.stderr
+
+
 # --- (b)-(e) refusals and errors -----------------------------------------------------------
 
 
