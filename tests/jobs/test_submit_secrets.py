@@ -40,14 +40,14 @@ model: {hidden: [4]}
 train: {epochs: 1}
 """
 # the job on the cluster runs `python -m jobs ...` in the working_dir: this project's own
-# `jobs` package answers, listing every file it was given with a hash of its bytes
+# `jobs` package (a regular one, so that it wins over rungwise's) answers, listing every file it was given with a hash of its bytes
 LISTER = """import hashlib, os
 for folder, _, files in os.walk("."):
     for f in files:
         p = os.path.join(folder, f)
         print("FILE", p[2:], hashlib.sha256(open(p, "rb").read()).hexdigest())
 """
-EXPECTED = ["alias.py", "data/small.csv", "jobs/__main__.py", "pkg/.gitignore",
+EXPECTED = ["alias.py", "data/small.csv", "jobs/__init__.py", "jobs/__main__.py", "pkg/.gitignore",
             "pkg/model.py", "pyproject.toml", "specs/job.yaml", ".gitignore", ".rayignore"]
 
 
@@ -60,7 +60,7 @@ def make_project(base: Path) -> Path:
     proj = base / "proj"
     files = {"pyproject.toml": "[project]\nname = 'attack'\n", "specs/job.yaml": SPEC,
              "data/small.csv": "x,y\n1,0\n2,1\n", "pkg/model.py": "W = 1\n",
-             "jobs/__main__.py": LISTER, ".gitignore": "notes/\n", "pkg/.gitignore": "scratch/\n",
+             "jobs/__init__.py": "", "jobs/__main__.py": LISTER, ".gitignore": "notes/\n", "pkg/.gitignore": "scratch/\n",
              ".rayignore": "big/\n", **SECRET_FILES, **IGNORED_FILES}
     for name, text in files.items():
         (proj / name).parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +82,7 @@ def rungwise(*args: str, cwd: Path, env: dict[str, str] | None = None
     base = {k: v for k, v in os.environ.items()
             if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI") and not k.startswith("RAY_AUTH")}
     base["PYTHONPATH"] = str(ROOT)
+    base["PYTHONSAFEPATH"] = "1"  # `-m jobs` is rungwise's, not the attack project's in cwd
     return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=cwd, text=True,
                           capture_output=True, env={**base, **(env or {})}, timeout=120)
 
