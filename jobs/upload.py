@@ -29,8 +29,15 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.cli import UserError
+
+if TYPE_CHECKING:
+    from pathspec import GitIgnoreSpec
+
+    Ignores = list[tuple[str, GitIgnoreSpec]]
+    """(folder relative to root, its ignore file's patterns) met on the way down."""
 
 SECRET_PATTERNS = (
     # environment files, netrc-style credential files, package-manager tokens
@@ -114,8 +121,8 @@ class _Rules:
         self.excluded = self._spec(excludes)
         self.names = IGNORE_FILES if use_gitignore else IGNORE_FILES[1:]
 
-    def ignore_files(self, folder: Path, rel: str) -> list[tuple[str, object]]:
-        found = []
+    def ignore_files(self, folder: Path, rel: str) -> Ignores:
+        found: Ignores = []
         for name in self.names:
             path = folder / name
             if path.is_file() and not path.is_symlink():
@@ -124,10 +131,10 @@ class _Rules:
         return found
 
     @staticmethod
-    def ignored(rel: str, is_dir: bool, ignores: list[tuple[str, object]]) -> bool:
+    def ignored(rel: str, is_dir: bool, ignores: Ignores) -> bool:
         for base, spec in ignores:
             sub = rel[len(base) + 1:] if base else rel
-            if spec.match_file(sub + "/" if is_dir else sub):  # type: ignore[attr-defined]
+            if spec.match_file(sub + "/" if is_dir else sub):
                 return True
         return False
 
@@ -139,7 +146,7 @@ def collect(root: Path, excludes: list[str], use_gitignore: bool | None = None) 
     root = root.resolve()
     rules = _Rules(excludes, use_gitignore)
     upload, links = Upload(root=root), []
-    stack: list[tuple[Path, str, list[tuple[str, object]]]] = [(root, "", [])]
+    stack: list[tuple[Path, str, Ignores]] = [(root, "", [])]
     while stack:
         folder, rel_folder, ignores = stack.pop()
         ignores = ignores + rules.ignore_files(folder, rel_folder)

@@ -40,7 +40,8 @@ model: {hidden: [4]}
 train: {epochs: 1}
 """
 # the job on the cluster runs `python -m jobs ...` in the working_dir: this project's own
-# `jobs` package (a regular one, so that it wins over rungwise's) answers, listing every file it was given with a hash of its bytes
+# `jobs` package (a regular one, so that it wins over rungwise's) answers, listing every file it
+# was given with a hash of its bytes
 LISTER = """import hashlib, os
 for folder, _, files in os.walk("."):
     for f in files:
@@ -60,8 +61,9 @@ def make_project(base: Path) -> Path:
     proj = base / "proj"
     files = {"pyproject.toml": "[project]\nname = 'attack'\n", "specs/job.yaml": SPEC,
              "data/small.csv": "x,y\n1,0\n2,1\n", "pkg/model.py": "W = 1\n",
-             "jobs/__init__.py": "", "jobs/__main__.py": LISTER, ".gitignore": "notes/\n", "pkg/.gitignore": "scratch/\n",
-             ".rayignore": "big/\n", **SECRET_FILES, **IGNORED_FILES}
+             "jobs/__init__.py": "", "jobs/__main__.py": LISTER, ".gitignore": "notes/\n",
+             "pkg/.gitignore": "scratch/\n", ".rayignore": "big/\n",
+             **SECRET_FILES, **IGNORED_FILES}
     for name, text in files.items():
         (proj / name).parent.mkdir(parents=True, exist_ok=True)
         (proj / name).write_text(text)
