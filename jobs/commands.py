@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from jobs.submit import Cluster
+    from jobs.cluster import Cluster
 
 AddSpec = Callable[[argparse.ArgumentParser], None]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -59,16 +59,26 @@ def _add_submit(sub: Any, add_spec: AddSpec) -> None:
     p.add_argument("--arg", dest="extra_args", action="append", default=[], metavar="ARG",
                    help="extra argument for the command on the cluster, e.g. "
                         "--arg=--no-register (repeatable)")
+    p.add_argument("--working-dir", default=None, metavar="FOLDER",
+                   help="the folder to upload, holding the spec (default: the project folder, "
+                        "the nearest above the spec with pyproject.toml; none is refused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every file that would be uploaded and the total size, then exit "
+                        "without contacting the cluster")
     p.set_defaults(func=cmd_submit)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import SubmitRequest, submit
+    from jobs.submit import SubmitRequest, dry_run, submit
 
-    cluster, job_id = submit(SubmitRequest(
+    req = SubmitRequest(
         spec=args.spec, overrides=list(args.overrides), address=args.address,
         command=args.command, python=args.python, pip=list(args.pip), args=list(args.extra_args),
-        allow_local_tracking=args.allow_local_tracking, debug=args.debug))
+        allow_local_tracking=args.allow_local_tracking, working_dir=args.working_dir,
+        dry_run=args.dry_run, insecure=args.insecure, debug=args.debug)
+    if req.dry_run:
+        return dry_run(req)
+    cluster, job_id = submit(req)
     if args.follow:
         return follow(cluster, job_id)
     return 0 if args.no_wait else wait_started(cluster, job_id)
@@ -117,7 +127,11 @@ def _report(cluster: Cluster, job_id: str, info: Any, ok: tuple[str, ...]) -> in
 
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
-                   help="the head's dashboard URL, http://HOST:8265 (default: $RAY_ADDRESS)")
+                   help="the head's dashboard URL, https://HOST:8265, or http://localhost:PORT "
+                        "through an SSH tunnel (default: $RAY_ADDRESS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain http to a host that is not loopback (sends the Ray token "
+                        "in clear text)")
 
 
 # --- jobs ------------------------------------------------------------------------------
@@ -151,9 +165,9 @@ def _short(text: str, width: int) -> str:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-    from jobs.submit import connect
+    from jobs.cluster import connect
 
-    cluster = connect(args.address, args.debug)
+    cluster = connect(args.address, args.debug, args.insecure)
     with cluster.errors():
         jobs = sorted(cluster.client.list_jobs(), key=lambda j: j.start_time or 0)
     rows = [(j.submission_id or j.job_id or "-", str(j.status), _when(j.start_time),
@@ -166,9 +180,9 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_status(args: argparse.Namespace) -> int:
-    from jobs.submit import connect
+    from jobs.cluster import connect
 
-    cluster = connect(args.address, args.debug)
+    cluster = connect(args.address, args.debug, args.insecure)
     with cluster.errors(args.job_id):
         info = cluster.client.get_job_info(args.job_id)
     print(f"{args.job_id}  {info.status}  start {_when(info.start_time)}  "
@@ -179,9 +193,9 @@ def cmd_jobs_status(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
-    from jobs.submit import connect
+    from jobs.cluster import connect
 
-    cluster = connect(args.address, args.debug)
+    cluster = connect(args.address, args.debug, args.insecure)
     if args.follow:
         return follow(cluster, args.job_id)
     with cluster.errors(args.job_id):
@@ -190,9 +204,9 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_stop(args: argparse.Namespace) -> int:
-    from jobs.submit import connect
+    from jobs.cluster import connect
 
-    cluster = connect(args.address, args.debug)
+    cluster = connect(args.address, args.debug, args.insecure)
     with cluster.errors(args.job_id):
         status = str(cluster.client.get_job_info(args.job_id).status)
         if status in TERMINAL:

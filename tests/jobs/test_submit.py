@@ -28,16 +28,9 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import UserError
-from jobs.submit import (
-    SubmitRequest,
-    auth_headers,
-    entrypoint,
-    excludes_for,
-    is_local_uri,
-    project_root,
-    resolve_address,
-    upload_size,
-)
+from jobs.cluster import auth_headers, resolve_address
+from jobs.submit import SubmitRequest, entrypoint, is_local_uri
+from jobs.upload import collect, excludes_for, project_root
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "tests/jobs/tiny_adult.yaml"
@@ -72,7 +65,7 @@ def test_excludes_keep_the_spec_itself() -> None:
     assert "tests" not in kept and ".venv" in kept
 
 
-def test_project_root_and_upload_size(tmp_path: Path) -> None:
+def test_project_root_and_collect(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
     (tmp_path / "specs").mkdir()
     (tmp_path / "specs" / "a.yaml").write_bytes(b"x" * 100)
@@ -81,10 +74,12 @@ def test_project_root_and_upload_size(tmp_path: Path) -> None:
         (tmp_path / junk).write_bytes(b"y" * 10_000)
     (tmp_path / ".gitignore").write_text("build/\n")
     assert project_root(tmp_path / "specs" / "a.yaml") == tmp_path
-    size = upload_size(tmp_path, excludes_for(Path("specs/a.yaml")))
-    assert size == 100 + len("[project]\nname='x'\n") + len("build/\n")
+    upload = collect(tmp_path, excludes_for(Path("specs/a.yaml")))
+    assert list(upload.files) == [".gitignore", "pyproject.toml", "specs/a.yaml"]
     (tmp_path / "pyproject.toml").unlink()
-    assert project_root(tmp_path / "specs" / "a.yaml") == tmp_path / "specs"
+    with pytest.raises(UserError, match="no pyproject.toml.*--working-dir"):
+        project_root(tmp_path / "specs" / "a.yaml")
+    assert project_root(tmp_path / "specs" / "a.yaml", str(tmp_path)) == tmp_path
 
 
 def test_resolve_address(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,6 +368,29 @@ def test_submit_runs_and_tracks(head: Head, command: str, tmp_path: Path) -> Non
     runs = _runs(uri)
     assert all(r.info.status == "FINISHED" for r in runs)  # type: ignore[attr-defined]
     assert len(runs) == (1 if command == "train" else 3)  # tune: parent + 2 trials
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_cluster_gets_exactly_the_dry_run_listing(head: Head, tmp_path: Path) -> None:
+    """A project full of secrets and links out (test_submit_secrets.py) submitted for real: the
+    job (the project's own `python -m jobs`) lists the files it was given, with their hashes."""
+    import hashlib
+
+    from tests.jobs.test_submit_secrets import EXPECTED, MARK, listed, make_project
+
+    proj = make_project(tmp_path)
+    spec = str(proj / "specs" / "job.yaml")
+    dry = rungwise(head, "submit", spec, "--command", "inspect", "--dry-run",
+                   "--address", head.address)
+    assert dry.returncode == 0 and listed(dry.stdout) == sorted(EXPECTED), dry.stderr
+    out = rungwise(head, "submit", spec, "--address", head.address, "--command", "inspect",
+                   "--follow")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = dict(ln.split()[1:3] for ln in out.stdout.splitlines() if ln.startswith("FILE "))
+    assert sorted(got) == sorted(EXPECTED)
+    assert got == {n: hashlib.sha256((proj / n).read_bytes()).hexdigest() for n in EXPECTED}
+    assert MARK not in out.stdout + out.stderr
 
 
 # --- (b)-(e) refusals and errors -----------------------------------------------------------
