@@ -122,6 +122,9 @@ class TrainSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1)
     """torch intra-op threads per trial; 1 is fastest when trials share the cores."""
+    deterministic: bool = False
+    """Deterministic kernels (cuDNN, cuBLAS, torch's deterministic algorithms): reproducible
+    GPU runs, at some speed."""
 
 
 SEARCHES = ("grid", "random", "bayes", "asha", "hyperband", "bohb", "median", "pbt", "auto")

@@ -12,12 +12,19 @@ Distributed data parallel: when ``torch.distributed`` is initialised, the caller
 model in ``DistributedDataParallel`` (as Ray Train's ``prepare_model`` does) and calls
 ``fit`` on every rank. Each rank trains on ``perm[rank::world]`` of the same seeded
 permutation, trimmed so every rank takes the same number of steps (else DDP hangs); the
-train loss is averaged over ranks; validation runs on the full split on every rank.
+train loss is averaged over ranks; validation runs on the full split on every rank and its
+loss is averaged over ranks before early stopping decides, so every rank stops at the same
+epoch (a rank that stopped alone would hang the others in their next all-reduce).
+
+Precision: bf16 autocast in training on CUDA cards with native bf16 (``models.use_bf16``),
+float32 elsewhere; validation and test metrics are always computed in float32, as the served
+model predicts. ``train.deterministic`` asks torch for deterministic kernels (cuDNN, cuBLAS).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +42,7 @@ from trainer.metrics import LossFn, evaluate, loss_function
 from trainer.models import (
     autocast_context,
     param_device,
+    precision,
     predict,
     predict_proba,
     unwrap,
@@ -45,7 +53,9 @@ __all__ = ["DivergedError", "FitResult", "TensorData", "TrainConfig", "evaluate"
            "make_optimizer", "make_scheduler", "predict", "predict_proba", "resolve_device",
            "train_step"]
 
-OnEpoch = Callable[[dict[str, Any], dict[str, Any] | None], None]
+Checkpoint = Callable[[], dict[str, Any]]
+"""Makes the checkpoint of the epoch just finished; call it inside ``on_epoch`` or not at all."""
+OnEpoch = Callable[[dict[str, Any], Checkpoint | None], None]
 _SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
@@ -130,6 +140,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 1
+    deterministic: bool = False
 
     @classmethod
     def from_spec(cls, train: Any) -> TrainConfig:
@@ -158,6 +169,8 @@ class FitResult:
     stopped_early: bool
     model: nn.Module
     """The model passed in, with the best epoch's weights loaded."""
+    precision: str = "fp32"
+    """``bf16-autocast`` or ``fp32``: what the training steps used."""
 
 
 @dataclass
@@ -196,14 +209,18 @@ def fit(model: nn.Module, data: TensorData, train: Any, on_epoch: OnEpoch | None
     """Train ``model`` on ``data.*_train``, validating on ``data.*_val`` after each epoch.
 
     ``on_epoch(metrics, ckpt)`` is called once per epoch with ``metrics`` = epoch (1-based),
-    train_loss, val_loss, val_accuracy | val_rmse, lr, epoch_time_s, and ``ckpt`` a plain
-    dict (see ``checkpoint.save_checkpoint``) every ``checkpoint_every`` epochs (0 = never),
-    else None. Pass such a dict as ``checkpoint`` to resume exactly where it was taken.
+    train_loss, val_loss, val_accuracy | val_rmse, lr, epoch_time_s, and ``ckpt`` every
+    ``checkpoint_every`` epochs (0 = never), else None: a function that returns the epoch's
+    checkpoint as a plain dict (see ``checkpoint.save_checkpoint``), so that the copy off
+    the device is made only when the caller decides to save. Pass such a dict as
+    ``checkpoint`` to resume exactly where it was taken.
     Early stopping watches val_loss; the best epoch's weights are restored at the end.
     """
     cfg = TrainConfig.from_spec(train)
     if torch.get_num_threads() != cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        set_deterministic()
     rank, world = _rank_world(model)
     wrapped = isinstance(model, DistributedDataParallel)
     device = param_device(model) if wrapped else resolve_device(cfg.device)
@@ -226,6 +243,8 @@ def _fit(model: nn.Module, data: TensorData, cfg: TrainConfig, on_epoch: OnEpoch
     state = _State()
     if checkpoint is not None:
         state = _State(**restore_checkpoint(checkpoint, net, opt, sched, gen))
+        if rank > 0:  # the checkpoint holds rank 0's RNG: give this rank its own dropout masks
+            torch.manual_seed(_rank_seed(cfg.seed, rank, state.epoch))
     loss_fn, autocast = loss_function(data.task), use_bf16(device)
     while state.epoch < cfg.epochs and not state.stopped_early:
         t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
@@ -234,6 +253,7 @@ def _fit(model: nn.Module, data: TensorData, cfg: TrainConfig, on_epoch: OnEpoch
         state.epoch += 1
         _check_finite(train_loss, state.epoch, lr)
         val = evaluate(net, data.x_val, data.y_val, data, prefix="val_", extended=False)
+        val["val_loss"] = _mean_over_ranks(val["val_loss"], device, world)
         _check_finite(val["val_loss"], state.epoch, lr)
         if sched is not None:
             sched.step()
@@ -243,12 +263,53 @@ def _fit(model: nn.Module, data: TensorData, cfg: TrainConfig, on_epoch: OnEpoch
         state.history.append(metrics)
         if on_epoch is not None:
             due = checkpoint_every > 0 and state.epoch % checkpoint_every == 0
-            ckpt = make_checkpoint(net, opt, sched, gen, vars(state)) if due else None
-            on_epoch(dict(metrics), ckpt)
+            snap = _snapshot(net, opt, sched, gen, state) if due else None
+            on_epoch(dict(metrics), snap)
     net.load_state_dict(state.best_state)
     return FitResult(history=state.history, best_epoch=state.best_epoch,
                      best_val_loss=state.best_val_loss, epochs_run=state.epoch,
-                     stopped_early=state.stopped_early, model=model)
+                     stopped_early=state.stopped_early, model=model,
+                     precision=precision(device))
+
+
+def _snapshot(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+              state: _State) -> Checkpoint:
+    """The checkpoint of this epoch, copied off the device only if asked for (once)."""
+    made: list[dict[str, Any]] = []
+    epoch = state.epoch
+
+    def take() -> dict[str, Any]:
+        if state.epoch != epoch:
+            raise RuntimeError("fit: a checkpoint must be taken inside on_epoch, during its epoch")
+        if not made:
+            made.append(make_checkpoint(net, opt, sched, gen, vars(state)))
+        return made[0]
+
+    return take
+
+
+def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
+    """The mean of ``value`` over DDP ranks (each rank validates on the same full split, but
+    non-deterministic kernels can make their losses differ in the last bits)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """A seed of its own per (seed, rank, epoch), for ranks resumed from rank 0's checkpoint."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels (``train.deterministic: true``): cuDNN without autotuning and
+    torch's deterministic algorithms; cuBLAS needs its workspace setting before CUDA starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def _train_epoch(model: nn.Module, data: TensorData, order: torch.Tensor, cfg: TrainConfig,

@@ -8,7 +8,8 @@ Initialisation follows the activation: Kaiming/He (uniform, fan-in) for the ReLU
 and softplus, Xavier/Glorot (uniform) for tanh, sigmoid and sign; biases start at zero.
 
 Inference helpers live here too (``predict``, ``predict_proba``, ``forward_batched``): batched,
-eval mode, no grad, bf16 autocast on CUDA; they unwrap a ``DistributedDataParallel`` model.
+eval mode, no grad, float32 (training alone uses bf16 autocast, on cards with native bf16);
+they unwrap a ``DistributedDataParallel`` model.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def forward_batched(model: nn.Module, x: Any, batch_size: int = EVAL_BATCH) -> t
     x = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, dtype=np.float32))
     was_training = net.training
     net.eval()
-    with torch.no_grad(), autocast_context(device, use_bf16(device)):
+    with torch.no_grad():  # float32: the metrics are those of the model that is served
         starts = range(0, len(x), batch_size) if len(x) else [0]  # (0, ...) in, (0, out) out
         outs = [net(x[i:i + batch_size].to(device)) for i in starts]
     net.train(was_training)
@@ -214,8 +215,21 @@ def predict_proba(model: nn.Module, x: Any) -> np.ndarray:
 
 
 def use_bf16(device: torch.device) -> bool:
-    """bf16 autocast on CUDA devices that support it; CPU runs stay float32."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast for training on CUDA cards with native bf16 (compute capability 8.0+:
+    A100, H100, L4, RTX 30xx and later); everything else trains in float32.
+
+    ``torch.cuda.is_bf16_supported()`` says yes on T4 / V100 too, by emulation, which is
+    slower than float32 and meets cuDNN convolutions without bf16 kernels; hence
+    ``including_emulation=False`` and the capability check."""
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def precision(device: torch.device) -> str:
+    """What training on ``device`` uses: ``bf16-autocast`` or ``fp32`` (logged as a tag)."""
+    return "bf16-autocast" if use_bf16(device) else "fp32"
 
 
 def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:

@@ -24,6 +24,7 @@ from tuning.space import decode_config
 from tuning.tracking import RunLogger, mask_secrets
 
 TRIAL_TAG = "rungwise.trial_id"
+PRECISION_TAG = "rungwise.precision"
 STATUS_TAG = "rungwise.status"
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_rmse", "lr", "epoch_time_s")
 
@@ -161,6 +162,9 @@ class SweepTracker:
         tid = trial.trial_id
         self.outcomes[tid] = {"status": outcome, **tags}
         all_tags = {STATUS_TAG: outcome, **tags}
+        used = (trial.last_result or {}).get("precision")
+        if used:  # bf16-autocast or fp32: what this trial's training steps ran in
+            all_tags[PRECISION_TAG] = str(used)
         end = int(time.time() * 1000)
 
         def write(c: Any) -> None:

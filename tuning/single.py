@@ -34,6 +34,7 @@ def tracked_run(spec: Any, prepared: Any) -> tuple[RunResult, str, str]:
                            on_epoch=lambda m, _c: logger.metrics(run_id, m, int(m["epoch"])))
         logger.metrics(run_id, {**result.test_metrics, "best_epoch": result.fit.best_epoch},
                        result.fit.epochs_run)
+        cl.set_tag(run_id, "rungwise.precision", result.fit.precision)
         logger.flush()
         registry.log_bundle(run_id, result.bundle, prepared.example, uri)
         status = "FINISHED"

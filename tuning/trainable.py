@@ -22,8 +22,8 @@ from ray import tune
 
 from trainer.arrays import ArrayData
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.loop import DivergedError, TensorData, fit
-from trainer.models import explain_oom, is_oom, new_model
+from trainer.loop import Checkpoint, DivergedError, TensorData, fit, resolve_device
+from trainer.models import explain_oom, is_oom, new_model, precision
 from tuning.space import decode_config, variant_key
 
 CKPT_FILE = "checkpoint.pt"
@@ -110,13 +110,15 @@ def _run_trial(config: dict[str, Any], shared: Shared) -> None:
     net = new_model(spec.model, prepared, seed=spec.train.seed)
     best = [float("inf")]
     fault = _fault_hook(shared)
+    tag = {"precision": precision(resolve_device(spec.train.device))}
 
-    def on_epoch(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
+    def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
         fault(int(metrics["epoch"]))
+        metrics.update(tag)
         if ckpt is not None and _should_save(metrics, best, shared.checkpoint_every,
                                              spec.train.epochs):
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(ckpt, Path(d) / CKPT_FILE)
+                save_checkpoint(ckpt(), Path(d) / CKPT_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
@@ -180,14 +182,15 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     pg = get_current_placement_group()
     extra = {"pg_id": pg.id.hex()} if pg is not None else {}
+    extra["precision"] = precision(device)
     best = [float("inf")]
 
-    def on_epoch(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
+    def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
         metrics = {**metrics, **extra}
         if rank == 0 and ckpt is not None and _should_save(
                 metrics, best, shared.checkpoint_every, spec.train.epochs):
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(ckpt, Path(d) / CKPT_FILE)
+                save_checkpoint(ckpt(), Path(d) / CKPT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

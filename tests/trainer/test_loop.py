@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +34,7 @@ def train_spec(**overrides: Any) -> SimpleNamespace:
     """Every attribute of jobs.spec.TrainSpec, small and fast by default."""
     spec = dict(epochs=4, batch_size=32, optimizer="adamw", lr=1e-2, momentum=0.9,
                 weight_decay=0.0, lr_schedule="none", step_size=10, gamma=0.1, grad_clip=None,
-                early_stopping=None, seed=0, device="cpu", threads=1)
+                early_stopping=None, seed=0, device="cpu", threads=1, deterministic=False)
     spec.update(overrides)
     return SimpleNamespace(**spec)
 
@@ -158,10 +159,10 @@ def test_resume_after_interruption_is_exact(tmp_path: Path) -> None:
     class Stop(Exception):
         pass
 
-    def save_then_die(metrics: dict[str, Any], ckpt: dict[str, Any] | None) -> None:
+    def save_then_die(metrics: dict[str, Any], ckpt: Any) -> None:
         if metrics["epoch"] == 3:
             assert ckpt is not None
-            save_checkpoint(ckpt, tmp_path / "ckpt.pt")
+            save_checkpoint(ckpt(), tmp_path / "ckpt.pt")
             raise Stop
 
     with pytest.raises(Stop):
@@ -179,7 +180,7 @@ def test_three_epochs_plus_three_equals_six() -> None:
     three = train_spec(epochs=3, lr_schedule="step", step_size=2, gamma=0.5)
     full = run(data, six)
     ckpts: list[dict[str, Any] | None] = []
-    run(data, three, on_epoch=lambda m, c: ckpts.append(c))
+    run(data, three, on_epoch=lambda m, c: ckpts.append(c() if c else None))
     resumed = run(data, six, checkpoint=ckpts[-1])
     assert no_time(resumed.history) == no_time(full.history)
     assert same_weights(resumed.model, full.model)
@@ -245,7 +246,7 @@ def test_binary_classification_reports_roc_auc() -> None:
 def test_checkpoint_round_trips(tmp_path: Path) -> None:
     ckpts: list[dict[str, Any] | None] = []
     run(make_data(), train_spec(epochs=2, lr_schedule="cosine"),
-        on_epoch=lambda m, c: ckpts.append(c))
+        on_epoch=lambda m, c: ckpts.append(c() if c else None))
     ckpt = ckpts[-1]
     assert ckpt is not None
     loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "sub" / "c.pt"))
@@ -285,23 +286,40 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
+    import datetime
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails, not waits
     try:
         data = make_data(n=503)  # 301 training rows: odd, so the shards need trimming
-        net = build_model(model_spec(), data.input_shape, data.n_outputs, seed=0)
-        result = fit(DistributedDataParallel(net), data, train_spec(epochs=3, batch_size=32))
-        torch.save({"state": net.state_dict(), "history": no_time(result.history)},
-                   Path(out) / f"rank{rank}.pt")
+        net = build_model(model_spec(dropout=0.3), data.input_shape, data.n_outputs, seed=0)
+        if mode == "plain":
+            result = fit(DistributedDataParallel(net), data, train_spec(epochs=3, batch_size=32))
+            torch.save({"state": net.state_dict(), "history": no_time(result.history)},
+                       Path(out) / f"rank{rank}.pt")
+        elif mode == "early_stop":  # rank 1 alone sees a validation split it cannot learn
+            if rank == 1:
+                data = replace(data, y_val=1 - data.y_val)
+            result = fit(DistributedDataParallel(net), data,
+                         train_spec(epochs=12, batch_size=32,
+                                    early_stopping=SimpleNamespace(patience=2, min_delta=0.0)))
+            torch.save({"history": no_time(result.history)}, Path(out) / f"stop{rank}.pt")
+        else:  # resume every rank from rank 0's checkpoint: each rank its own dropout RNG
+            ckpt = load_checkpoint(Path(out) / "single.pt")
+            rng: list[torch.Tensor] = []
+            fit(DistributedDataParallel(net), data, train_spec(epochs=3, batch_size=32),
+                checkpoint=ckpt, on_epoch=lambda m, c: rng.append(torch.get_rng_state()))
+            torch.save({"rng": rng[0]}, Path(out) / f"resume{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_ddp(out: str) -> None:
+def run_ddp(out: str, mode: str = "plain") -> None:
     """Two gloo ranks, forked from a fresh interpreter (see the test)."""
     import torch.multiprocessing as mp
 
@@ -309,22 +327,123 @@ def run_ddp(out: str) -> None:
     # import on first use) already imported; spawn re-imports them, ~10 s per child here.
     importlib.import_module("torch._dynamo")
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), out), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), out, mode), nprocs=2,
                        join=True, start_method=method)
+
+
+def _run_ddp_fresh(out: Path, mode: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from tests.trainer.test_loop import run_ddp; run_ddp(sys.argv[2], sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(root), str(out), mode], check=True,
+                   timeout=600)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_early_together_on_the_mean_validation_loss(tmp_path: Path) -> None:
+    _run_ddp_fresh(tmp_path, "early_stop")
+    h0, h1 = (torch.load(tmp_path / f"stop{r}.pt", weights_only=True)["history"]
+              for r in (0, 1))
+    assert [m["val_loss"] for m in h0] == [m["val_loss"] for m in h1]  # the same mean
+    assert len(h0) == len(h1) < 12  # stopped early, at the same epoch on both ranks
+
+
+@pytest.mark.slow
+def test_ddp_ranks_resumed_from_one_checkpoint_draw_their_own_dropout(tmp_path: Path) -> None:
+    data = make_data(n=503)
+    ckpts: list[Any] = []
+    run(data, train_spec(epochs=1, batch_size=32), mspec=model_spec(dropout=0.3),
+        on_epoch=lambda m, c: ckpts.append(c()))
+    save_checkpoint(ckpts[0], tmp_path / "single.pt")
+    _run_ddp_fresh(tmp_path, "resume")
+    r0, r1 = (torch.load(tmp_path / f"resume{r}.pt", weights_only=True)["rng"] for r in (0, 1))
+    assert not torch.equal(r0, r1)
 
 
 @pytest.mark.slow
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
     # The ranks are forked from a fresh interpreter: forking the test process itself, which
     # may hold a running Ray and its threads, deadlocks the children.
-    root = Path(__file__).resolve().parents[2]
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from tests.trainer.test_loop import run_ddp; run_ddp(sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, str(root), str(tmp_path)], check=True,
-                   timeout=600)
+    _run_ddp_fresh(tmp_path, "plain")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["history"] == r1["history"]  # train_loss all-reduced, val on the full split
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
     start = build_model(model_spec(), (6,), 2, seed=0).state_dict()
     assert not torch.equal(start["0.weight"], r0["state"]["0.weight"])
+
+
+# --- precision, checkpoint copies, determinism (issue #16) ---------------------------------
+
+
+@pytest.mark.parametrize(("capability", "native", "want"), [
+    ((7, 5), False, "fp32"),    # T4: bf16 only by emulation
+    ((7, 0), True, "fp32"),     # V100: even if a driver claimed it, no bf16 tensor cores
+    ((8, 0), True, "bf16-autocast"),   # A100
+    ((9, 0), True, "bf16-autocast"),   # H100 / H200
+    ((8, 6), False, "fp32"),    # a card whose runtime says no
+])
+def test_bf16_only_on_cards_with_native_bf16(monkeypatch: pytest.MonkeyPatch,
+                                             capability: tuple[int, int], native: bool,
+                                             want: str) -> None:
+    from trainer import models
+
+    asked: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation)
+                        or native)
+    assert models.precision(torch.device("cuda", 0)) == want
+    assert asked in ([], [False])  # never the emulation answer
+    assert models.precision(torch.device("cpu")) == "fp32"
+
+
+def test_validation_metrics_are_float32_even_when_training_uses_bf16(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training under bf16 autocast (forced here on the CPU, which supports it), the
+    validation loss in the history is the float32 loss of the model that is served."""
+    from trainer import loop, models
+
+    monkeypatch.setattr(loop, "use_bf16", lambda device: True)
+    monkeypatch.setattr(models, "use_bf16", lambda device: True)
+    data = make_data()
+    result = run(data, train_spec(epochs=1))
+    assert result.precision == "bf16-autocast"
+    net = result.model.eval()
+    with torch.no_grad():
+        fp32 = torch.nn.functional.cross_entropy(net(data.x_val), data.y_val).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = torch.nn.functional.cross_entropy(net(data.x_val).float(), data.y_val).item()
+    assert result.history[0]["val_loss"] == pytest.approx(fp32, rel=1e-6)
+    assert abs(bf16 - fp32) > 1e-5  # bf16 logits would have shown
+
+
+def test_the_checkpoint_is_copied_only_when_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import loop
+
+    made: list[int] = []
+    real = loop.make_checkpoint
+    monkeypatch.setattr(loop, "make_checkpoint",
+                        lambda *a: made.append(a[-1]["epoch"]) or real(*a))
+    taken: dict[int, Any] = {}
+
+    def on_epoch(metrics: dict[str, Any], ckpt: Any) -> None:
+        if metrics["epoch"] in (2, 4):
+            taken[metrics["epoch"]] = ckpt()
+            assert ckpt() is taken[metrics["epoch"]]  # one copy, however often asked
+
+    run(make_data(), train_spec(epochs=5), on_epoch=on_epoch)
+    assert made == [2, 4]
+    assert taken[4]["epoch"] == 4
+
+
+def test_deterministic_asks_torch_for_deterministic_kernels() -> None:
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch; "
+            "from tests.trainer.test_loop import make_data, run, train_spec; "
+            "run(make_data(), train_spec(epochs=1, deterministic=True)); "
+            "print(torch.are_deterministic_algorithms_enabled(), "
+            "torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)")
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["True", "True", "False"]
