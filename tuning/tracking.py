@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import queue
 import threading
 import time
@@ -19,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tuning.errors import TrackingError
 from tuning.secrets import MASK as MASK  # re-exported: callers import them from here
@@ -41,23 +44,42 @@ def resolve_tracking_uri(spec_uri: str | None) -> str:
     if uri.startswith("file:") or "://" not in uri:
         raise TrackingError(f"tracking.uri: {mask_uri(uri)!r} is MLflow's file store, which "
                             "MLflow 3 refuses; use sqlite:///PATH.db or an http(s):// server")
+    if mask_uri(uri) != uri:  # MLflow prints "View run at <uri>" to stdout, password and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri
+
+
+def health_request(uri: str) -> urllib.request.Request:
+    """``GET <uri>/health``; a ``user:password@`` in the URI becomes a Basic auth header, as
+    MLflow's own client sends it (urllib would take it for part of the host name)."""
+    parts = urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    url = urlunsplit(parts._replace(netloc=host, path=parts.path.rstrip("/") + "/health",
+                                    query="", fragment=""))
+    req = urllib.request.Request(url)
+    if at:
+        user, _, password = userinfo.partition(":")
+        pair = f"{unquote(user)}:{unquote(password)}".encode()
+        req.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    return req
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail before any trial runs when an MLflow server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(health_request(uri), timeout=timeout) as resp:  # noqa: S310
             if resp.status == 200:
                 return
             raise TrackingError(f"tracking.uri: {mask_uri(uri)} answered {resp.status} on "
                                 "/health")
-    except OSError as exc:
+    except TrackingError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: a URI urllib cannot parse
+        reason = mask_uri(str(getattr(exc, "reason", exc)))
         raise TrackingError(f"tracking.uri: MLflow server {mask_uri(uri)} is not reachable "
-                            f"({getattr(exc, 'reason', exc)}); start it or fix the URI") from None
+                            f"({reason}); start it or fix the URI") from None
 
 
 def client(uri: str) -> Any:
@@ -183,8 +205,9 @@ class RunLogger:
                 return True
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
-                    self.errors.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
-                    log.warning("MLflow %s failed after %d tries: %s", what, attempt, exc)
+                    text = mask_uri(str(exc))
+                    self.errors.append(f"{what}: {type(exc).__name__}: {text[:200]}")
+                    log.warning("MLflow %s failed after %d tries: %s", what, attempt, text)
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
