@@ -3,10 +3,11 @@ and artifacts, the sweep's state file and a job's environment.
 
 ``mask_uri`` takes any text (a URI, a libpq DSN, an error message holding either) and
 replaces what looks secret with ``MASK``; ``mask_secrets`` does the same for a mapping,
-recursively, and also masks every value whose key names a secret. Both are plain regular
-expressions, so a URI that ``urllib`` refuses (an unescaped ``#`` or ``/`` in a password, a
-broken IPv6 host) is masked all the same, and neither ever raises. When in doubt they mask
-too much rather than too little: a masked host name is a nuisance, a leaked password is not.
+recursively, and also masks every value whose key names a secret. Neither uses ``urllib``,
+so a URI that it refuses (an unescaped ``#`` or ``/`` in a password, a broken IPv6 host) is
+masked all the same, and neither ever raises; both take time linear in the text. When in
+doubt they mask too much rather than too little: a masked host name is a nuisance, a leaked
+password is not.
 """
 
 from __future__ import annotations
@@ -27,16 +28,19 @@ _PARTS = re.compile(r"[_\-.\s]+")
 
 # scheme://user:password@ or scheme://user@. The password runs to the last "@" of its
 # whitespace-delimited word, so "/", "#", "@" and ":" inside it stay covered.
-_USERINFO = re.compile(r"(?P<scheme>(?<![\w+.\-])[A-Za-z][A-Za-z0-9+.\-]*://)"
-                       r"(?P<user>[^\s:/?#@]*)(?::(?P<pw>\S*))?@")
-# name=value in a query string, a fragment (#access_token=) or a ;-separated string
-_QUERY = re.compile(r"(?P<pre>[?&#;])(?P<name>[^=&#;?\s]+)=(?P<val>[^&#;\s]*)")
-# name=value in a libpq key/value DSN ("host=db password='a b'") or in plain text
-_DSN = re.compile(r"(?P<pre>^|[\s,(])(?P<name>[A-Za-z_][\w.\-]*)(?P<eq>\s*=\s*)"
-                  r"(?P<val>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\S+)")
+_SCHEME_USER = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)"
+                          r"(?P<user>[^\s:/?#@]*)(?P<colon>:?)")
+_SPACE = re.compile(r"\s")
+# name=value in a query string, a fragment (#access_token=) or a ;-separated string, and in
+# a libpq key/value DSN ("host=db password='a b'") or plain text. Only the names are matched:
+# a value is read only after a secret name, so no value can hide the pair after it.
+_QUERY_NAME = re.compile(r"(?<=[?&#;])(?P<name>[^=&#;?\s]+)=")
+_QUERY_VALUE = re.compile(r"[^&#;\s]*")
+_DSN_NAME = re.compile(r"(?:^|(?<=[\s,(]))(?P<name>[A-Za-z_][\w.\-]*)\s*=\s*")
+_DSN_VALUE = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\S*")
 # 'name': 'value' in a printed dict or JSON (an error message quoting its input)
-_QUOTED = re.compile(r"(?P<q>['\"])(?P<name>[\w.\-]+)(?P=q)(?P<sep>\s*:\s*)"
-                     r"(?P<vq>['\"])(?P<val>(?:\\.|(?!(?P=vq)).)*)(?P=vq)")
+_QUOTED_NAME = re.compile(r"(?P<q>['\"])(?P<name>[\w.\-]+)(?P=q)\s*:\s*")
+_QUOTED_VALUE = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 # a user name that is a token: known prefixes (GitHub, GitLab, Slack, OpenAI, Hugging Face,
 # AWS, Google, npm, PyPI), else long, or letters mixed with digits
 _TOKEN_PREFIX = re.compile(r"^(gh[pousr]_|github_pat_|glpat-|xox[abposr]-|sk-|hf_|AKIA|ASIA|"
@@ -60,32 +64,47 @@ def looks_like_token(user: str) -> bool:
     return len(user) >= 16 or (len(user) >= 10 and has_digit and has_alpha)
 
 
-def _userinfo(m: re.Match[str]) -> str:
-    user, pw = m["user"], m["pw"]
-    shown = MASK if user and looks_like_token(user) else user
-    if pw is None:
-        return f"{m['scheme']}{shown}@"
-    return f"{m['scheme']}{shown}:{MASK if pw else ''}@"
+def _mask_userinfo(text: str) -> str:
+    """Passwords, and user names that are tokens, of every ``scheme://user[:password]@``.
+    Scanned by hand rather than with a backtracking pattern: linear in the text's length."""
+    out, pos, skip = [], 0, 0  # text[:pos] is in out; schemes before skip are done with
+    for m in _SCHEME_USER.finditer(text):
+        if m.start() < skip:
+            continue
+        user = m["user"]
+        shown = MASK if user and looks_like_token(user) else user
+        if not m["colon"]:  # scheme://user@host, or no user at all
+            if text.startswith("@", m.end()):
+                out += [text[pos:m.start()], m["scheme"], shown, "@"]
+                pos = skip = m.end() + 1
+            continue
+        space = _SPACE.search(text, m.end())
+        word_end = space.start() if space else len(text)
+        at = text.rfind("@", m.end(), word_end)
+        if at < 0:  # no "@" left in this word: no scheme after this one has a user either
+            skip = word_end
+            continue
+        out += [text[pos:m.start()], m["scheme"], shown, ":", MASK if at > m.end() else "", "@"]
+        pos = skip = at + 1
+    out.append(text[pos:])
+    return "".join(out)
 
 
-def _mask_query(m: re.Match[str]) -> str:
-    if not m["val"] or not is_secret_name(m["name"]):
-        return m[0]
-    return f"{m['pre']}{m['name']}={MASK}"
-
-
-def _mask_dsn(m: re.Match[str]) -> str:
-    val = m["val"]
-    if not is_secret_name(m["name"]) or val in ("''", '""'):
-        return m[0]
-    quote = val[0] if val[0] in "'\"" else ""  # a quoted value keeps its quotes
-    return f"{m['pre']}{m['name']}{m['eq']}{quote}{MASK}{quote}"
-
-
-def _mask_quoted(m: re.Match[str]) -> str:
-    if not m["val"] or not is_secret_name(m["name"]):
-        return m[0]
-    return f"{m['q']}{m['name']}{m['q']}{m['sep']}{m['vq']}{MASK}{m['vq']}"
+def _mask_pairs(text: str, names: re.Pattern[str], value: re.Pattern[str]) -> str:
+    """``text`` with the value after every secret ``name=`` masked (quotes kept)."""
+    out, pos = [], 0
+    for m in names.finditer(text):
+        if m.start() < pos or not is_secret_name(m["name"]):
+            continue
+        v = value.match(text, m.end())
+        val = v[0] if v else ""
+        if val in ("", "''", '""'):
+            continue
+        quote = val[0] if len(val) > 1 and val[0] in "'\"" and val[-1] == val[0] else ""
+        out += [text[pos:m.end()], quote, MASK, quote]
+        pos = v.end() if v else m.end()
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def mask_uri(uri: str) -> str:
@@ -97,10 +116,10 @@ def mask_uri(uri: str) -> str:
     if not isinstance(uri, str):
         return uri
     try:
-        text = _USERINFO.sub(_userinfo, uri)
-        text = _QUERY.sub(_mask_query, text)
-        text = _DSN.sub(_mask_dsn, text)
-        return _QUOTED.sub(_mask_quoted, text)
+        text = _mask_userinfo(uri)
+        text = _mask_pairs(text, _QUERY_NAME, _QUERY_VALUE)
+        text = _mask_pairs(text, _DSN_NAME, _DSN_VALUE)
+        return _mask_pairs(text, _QUOTED_NAME, _QUOTED_VALUE)
     except Exception:  # never let masking fail a run, and never let a failure leak
         return MASK
 
@@ -127,6 +146,8 @@ def mask_value(value: Any, depth: int = 0) -> Any:
         return mask_uri(value)
     if isinstance(value, dict):
         return {k: _masked(k, v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(mask_value(v, depth + 1) for v in value)
+    if isinstance(value, list):
+        return [mask_value(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(mask_value(v, depth + 1) for v in value)
     return value
