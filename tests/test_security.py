@@ -329,3 +329,127 @@ def test_the_scan_would_see_a_binding() -> None:
     """The pattern above matches the ways such a binding is written."""
     for line in ('ray.init(dashboard_host="0.0.0.0")', "--host 0.0.0.0", "server(host='::')"):
         assert ALL_INTERFACES.search(line), line
+
+
+# --- masking on every path out: a real sweep against a real MLflow server -------------------
+
+
+def test_check_reachable_sends_the_password_as_basic_auth_and_never_shows_it() -> None:
+    """``user:password@`` in an http(s) tracking URI: urllib would take it for the host; the
+    check sends it as MLflow's client does, and its errors show it masked."""
+    import base64
+    import http.server
+    import threading
+
+    from tests.conftest import free_port
+    from tuning.errors import TrackingError
+    from tuning.tracking import check_reachable
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://rw:p%40{S}@127.0.0.1:{server.server_address[1]}/mlflow/")
+    finally:
+        server.shutdown()
+    assert seen == [("/mlflow/health", "Basic " + base64.b64encode(f"rw:p@{S}".encode()).decode())]
+    port = free_port()
+    with pytest.raises(TrackingError) as err:
+        check_reachable(f"http://rw:{S}@127.0.0.1:{port}")
+    assert str(err.value).startswith(f"tracking.uri: MLflow server http://rw:{MASK}@127.0.0.1:"
+                                     f"{port} is not reachable")
+    assert S not in str(err.value)
+
+
+def _rungwise(args: list[str], cwd: Path) -> Any:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RUNGWISE_DEBUG", "MLFLOW_TRACKING_URI")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1", RUNGWISE_STORAGE=str(cwd / "runs"))
+    return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def _everything_mlflow_holds(uri: str, parent_id: str, dst: Path) -> list[str]:
+    """Params, tags and every artifact (spec.yaml, trials.csv, the model) of the parent run
+    and its trials, and the registry's versions of the model, as text."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    cl = MlflowClient(uri)
+    parent = cl.get_run(parent_id)
+    kids = cl.search_runs([parent.info.experiment_id],
+                          f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(kids) == 2
+    texts = [repr((r.data.params, r.data.tags, r.info.run_name)) for r in [parent, *kids]]
+    local = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="",
+                                                     dst_path=str(dst), tracking_uri=uri))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert {"spec.yaml", "trials.csv"} <= {p.name for p in files}
+    texts += [p.read_bytes().decode("latin-1") for p in files]
+    texts += [repr(v) for v in cl.search_model_versions("name = 'masked-e2e'")]
+    texts.append(repr(cl.get_experiment(parent.info.experiment_id)))
+    return texts
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_no_secret_leaves_a_sweep_on_any_path(tmp_path: Path, mlflow_server: str) -> None:
+    """`rungwise tune` with a password in tracking.uri (the server ignores it), URIs with
+    secrets in tune.space and a DSN password in a --set value; then `rungwise predict` with
+    an alias that does not exist (the registry error). None of the secrets appears in stdout,
+    stderr, the runs' params and tags, spec.yaml or any other artifact, the registry, or
+    rungwise-sweep.json; their masked forms do."""
+    import json
+
+    import yaml
+
+    pw, in_space, token, in_set = (f"{S}Track", f"{S}Space", f"{S}Tok", f"{S}Set")
+    uri = mlflow_server.replace("http://", f"http://rungwise:{pw}@")
+    shown = mlflow_server.replace("http://", f"http://rungwise:{MASK}@")
+    space = {"train.lr": {"choice": [3e-3, 1e-2]},
+             "impute.fill_value": {"choice": [f"postgresql://u:{in_space}@db/x",
+                                              f"https://ghp_{token}@github.com/o/r"]}}
+    spec = ROOT / "tests" / "jobs" / "tiny_adult.yaml"
+    # numeric drop_rows: the string fill_value then only reaches categorical columns
+    sets = [f"tracking.uri={uri}", "tracking.register_as=masked-e2e", "tune.max_concurrent=2",
+            "impute.numeric=drop_rows", "impute.categorical=constant",
+            f"tune.space={json.dumps(space)}", f"impute.fill_value=host=db password={in_set}"]
+    tune = _rungwise(["tune", str(spec), *[a for s in sets for a in ("--set", s)]], tmp_path)
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    assert f"at {shown}" in tune.stdout, tune.stdout[-2000:]
+    predict = _rungwise(["predict", str(spec), "--set", f"tracking.uri={uri}", "--set",
+                         "tracking.register_as=masked-e2e", "--input", str(spec), "--alias",
+                         "nosuch"], tmp_path)
+    assert predict.returncode == 2
+    assert predict.stderr.strip() == (f"rungwise: error: registry: no model version "
+                                      f"masked-e2e@nosuch at {shown}; run `rungwise tune` first "
+                                      "or pick another --alias")
+    state_file = tmp_path / "runs" / "rungwise-submit-test" / "rungwise-sweep.json"
+    state = json.loads(state_file.read_text())
+    assert set(state) == {"experiment_path", "parent_run_id", "tracking", "spec"}
+    outputs = [tune.stdout, tune.stderr, predict.stdout, predict.stderr,
+               state_file.read_text()]
+    held = _everything_mlflow_holds(mlflow_server, state["parent_run_id"], tmp_path / "art")
+    for secret in (pw, in_space, token, in_set):
+        leaks = [t for t in outputs + held if secret in t]
+        assert not leaks, f"{secret} leaked: {[t[:300] for t in leaks]}"
+    # the masked forms are there: the checks above looked at the right things
+    spec_yaml = yaml.safe_load(next((tmp_path / "art").rglob("spec.yaml")).read_text())
+    assert spec_yaml["tracking"]["uri"] == shown
+    assert spec_yaml["impute"]["fill_value"] == f"host=db password={MASK}"
+    assert spec_yaml["tune"]["space"]["impute.fill_value"]["choice"] == [
+        f"postgresql://u:{MASK}@db/x", f"https://{MASK}@github.com/o/r"]
