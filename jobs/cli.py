@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    from tuning.secrets import mask_uri  # an error may quote a URI with its password
+
+    text = mask_uri(" ".join(str(exc).split()))
     return text if len(text) <= 2000 else text[:1997] + "..."
 
 

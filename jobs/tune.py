@@ -51,6 +51,8 @@ def tune_command(spec: Any, resume: bool = False, address: str | None = None,
 
 
 def print_summary(spec: Any, result: Any, top: int = 5) -> None:
+    from tuning.tracking import mask_secrets, mask_uri
+
     print(f"\nstrategy: {result.strategy} ({result.reason})")
     key = "best_val_loss"
     rows = sorted(result.trials, key=lambda r: r.get(key, float("inf")))[:top]
@@ -64,15 +66,14 @@ def print_summary(spec: Any, result: Any, top: int = 5) -> None:
         print(f"top {len(rows)} of {len(result.trials)} trials:")
         for row in table:
             print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    best = mask_secrets(result.best_overrides)  # a space may hold URIs: printed masked
     print(f"best {spec.tune.metric}: {result.best_value:.4f} with "
-          + ", ".join(f"{k}={v}" for k, v in result.best_overrides.items()))
+          + ", ".join(f"{k}={v}" for k, v in best.items()))
     print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items()))
     if result.version:
         print(f"registered: {spec.tracking.register_as} version {result.version} "
               f"(aliases: {', '.join(result.aliases)})")
     if result.tracking_uri:
-        from tuning.tracking import mask_uri
-
         uri = mask_uri(result.tracking_uri)
         print(f"mlflow: parent run {result.parent_run_id}; open the UI with:\n"
               f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")

@@ -21,7 +21,7 @@ from typing import Any
 from ray.tune import Callback
 
 from tuning.space import decode_config
-from tuning.tracking import RunLogger, mask_secrets
+from tuning.tracking import RunLogger, mask_secrets, mask_uri
 
 TRIAL_TAG = "rungwise.trial_id"
 PRECISION_TAG = "rungwise.precision"
@@ -175,7 +175,7 @@ class SweepTracker:
             if lost:
                 all_tags["rungwise.lost_metrics"] = f"{lost} values could not be sent"
             for key, value in all_tags.items():
-                c.set_tag(run_id, key, value[:5000])
+                c.set_tag(run_id, key, mask_uri(value)[:5000])
             c.set_terminated(run_id, status, end_time=end)
 
         self.logger.submit(write)

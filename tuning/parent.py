@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from tuning.callback import SweepTracker
-from tuning.tracking import client, experiment_id, log_params, mask_secrets
+from tuning.tracking import client, experiment_id, log_params, mask_secrets, mask_uri
 
 
 def git_commit() -> str:
@@ -47,9 +47,10 @@ class ParentRun:
             "rungwise.strategy_reason": strategy.reason,
             "rungwise.data_fingerprint": raw.fingerprint, "rungwise.git_commit": git_commit(),
             "rungwise.budget": f"{strategy.num_samples} trials x {spec.train.epochs} epochs",
-            **(tags or {})})
+            **mask_secrets(tags or {})})
         parent = cls(uri, cl, exp, run.info.run_id)
         log_params(cl, parent.run_id, {**spec.flat(), "tune.search_resolved": strategy.name})
+        # the whole spec, tune.space included, masked the same way as the params
         masked = mask_secrets(spec.flat())
         cl.log_text(parent.run_id, yaml.safe_dump(_unflatten(masked), sort_keys=False),
                     "spec.yaml")
@@ -85,7 +86,7 @@ class ParentRun:
             return
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         self.client.set_tag(self.run_id, "rungwise.error",
-                            f"{type(exc).__name__}: {str(exc)[:500]}")
+                            f"{type(exc).__name__}: {mask_uri(str(exc))[:500]}")
         self.client.set_terminated(self.run_id, status)
 
 
@@ -104,7 +105,7 @@ def trial_rows(grid: Any, tracker: SweepTracker, best_id: str) -> list[dict[str,
             "epochs": max((s for s, _ in curve), default=0),
             "best_val_loss": min((v for _, v in curve), default=float("nan")),
             "best": tid == best_id,
-            **{k: str(v) for k, v in decode_config(result.config or {}).items()},
+            **{k: str(v) for k, v in mask_secrets(decode_config(result.config or {})).items()},
         })
     return rows
 

@@ -25,7 +25,10 @@ class ProgressCallback(Callback):
 
     def _say(self, text: str) -> None:
         if not self.quiet:
-            print(f"[{time.time() - self._t0:6.0f}s] {text}", file=sys.stdout, flush=True)
+            from tuning.secrets import mask_uri  # trial configs may hold URIs
+
+            print(f"[{time.time() - self._t0:6.0f}s] {mask_uri(text)}", file=sys.stdout,
+                  flush=True)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.started.add(trial.trial_id)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from trainer.bundle import ModelBundle
 from tuning.errors import RungwiseError
+from tuning.secrets import mask_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -104,7 +105,7 @@ def load_bundle(uri: str, name: str, alias: str) -> ModelBundle:
     """The bundle behind ``models:/name@alias`` (downloaded), or a one-line error."""
     version = alias_version(uri, name, alias)
     if version is None:
-        raise RungwiseError(f"registry: no model version {name}@{alias} at {uri}; "
+        raise RungwiseError(f"registry: no model version {name}@{alias} at {mask_uri(uri)}; "
                             "run `rungwise tune` first or pick another --alias")
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")

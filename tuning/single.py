@@ -40,7 +40,8 @@ def tracked_run(spec: Any, prepared: Any) -> tuple[RunResult, str, str]:
         status = "FINISHED"
         return result, run_id, mask_uri(uri)
     except BaseException as exc:
-        cl.set_tag(run_id, "rungwise.error", f"{type(exc).__name__}: {str(exc)[:500]}")
+        cl.set_tag(run_id, "rungwise.error",
+                   f"{type(exc).__name__}: {mask_uri(str(exc))[:500]}")
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         raise
     finally:

@@ -244,11 +244,14 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
 
 
 def _save_state(spec: Any, path: Path, parent: ParentRun | None, uri: str | None) -> None:
+    """What ``--resume`` reads back: the Tune experiment and the parent run. The tracking URI
+    is not stored (it may hold a password): a resume resolves it again from the spec and
+    ``MLFLOW_TRACKING_URI``, as the first run did."""
     state_file = _state_path(spec)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({
         "experiment_path": str(path), "parent_run_id": parent.run_id if parent else None,
-        "tracking_uri": uri, "spec": spec.name}, indent=2))
+        "tracking": uri is not None, "spec": spec.name}, indent=2))
 
 
 def _finish(spec: Any, strategy: Strategy, grid: Any, raw: RawData,

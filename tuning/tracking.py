@@ -5,31 +5,32 @@
 * ``RunLogger`` sends metrics from a background thread in batches (at most 1,000 per
   ``log_batch``), so a slow server never slows training; calls are retried, and what could
   not be sent is counted and written to the run as a tag.
-* Secrets never reach MLflow: values under keys that look like secrets, and passwords inside
-  URIs, are masked.
+* Secrets never reach MLflow: params, tags and the logged spec go through
+  ``tuning.secrets`` (re-exported here as ``mask_uri`` / ``mask_secrets`` / ``MASK``).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import queue
-import re
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tuning.errors import TrackingError
+from tuning.secrets import MASK as MASK  # re-exported: callers import them from here
+from tuning.secrets import mask_secrets as mask_secrets
+from tuning.secrets import mask_uri as mask_uri
 
 log = logging.getLogger("rungwise.tracking")
 MAX_BATCH = 1000
 MAX_PARAMS = 100
-SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|private[_-]?key|credential)",
-                        re.IGNORECASE)
-MASK = "***"
 
 
 def resolve_tracking_uri(spec_uri: str | None) -> str:
@@ -41,45 +42,44 @@ def resolve_tracking_uri(spec_uri: str | None) -> str:
         path = uri[len("sqlite:///"):]
         return "sqlite:///" + str(Path(path).resolve())
     if uri.startswith("file:") or "://" not in uri:
-        raise TrackingError(f"tracking.uri: {uri!r} is MLflow's file store, which MLflow 3 "
-                            "refuses; use sqlite:///PATH.db or an http(s):// server")
+        raise TrackingError(f"tracking.uri: {mask_uri(uri)!r} is MLflow's file store, which "
+                            "MLflow 3 refuses; use sqlite:///PATH.db or an http(s):// server")
+    if mask_uri(uri) != uri:  # MLflow prints "View run at <uri>" to stdout, password and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri
+
+
+def health_request(uri: str) -> urllib.request.Request:
+    """``GET <uri>/health``; a ``user:password@`` in the URI becomes a Basic auth header, as
+    MLflow's own client sends it (urllib would take it for part of the host name)."""
+    parts = urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    url = urlunsplit(parts._replace(netloc=host, path=parts.path.rstrip("/") + "/health",
+                                    query="", fragment=""))
+    req = urllib.request.Request(url)
+    if at:
+        user, _, password = userinfo.partition(":")
+        pair = f"{unquote(user)}:{unquote(password)}".encode()
+        req.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    return req
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail before any trial runs when an MLflow server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(health_request(uri), timeout=timeout) as resp:  # noqa: S310
             if resp.status == 200:
                 return
             raise TrackingError(f"tracking.uri: {mask_uri(uri)} answered {resp.status} on "
                                 "/health")
-    except OSError as exc:
+    except TrackingError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: a URI urllib cannot parse
+        reason = mask_uri(str(getattr(exc, "reason", exc)))
         raise TrackingError(f"tracking.uri: MLflow server {mask_uri(uri)} is not reachable "
-                            f"({getattr(exc, 'reason', exc)}); start it or fix the URI") from None
-
-
-def mask_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
-
-
-def mask_secrets(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        if SECRET_KEY.search(key.split(".")[-1]):
-            out[key] = MASK
-        elif isinstance(value, str) and "://" in value:
-            out[key] = mask_uri(value)
-        else:
-            out[key] = value
-    return out
+                            f"({reason}); start it or fix the URI") from None
 
 
 def client(uri: str) -> Any:
@@ -106,7 +106,7 @@ def experiment_id(cl: Any, name: str) -> str:
 def params_of(flat: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Param
 
-    return [Param(k, str(v)[:6000]) for k, v in mask_secrets(flat).items()]
+    return [Param(k, mask_uri(str(v))[:6000]) for k, v in mask_secrets(flat).items()]
 
 
 def log_params(cl: Any, run_id: str, flat: dict[str, Any]) -> None:
@@ -205,8 +205,9 @@ class RunLogger:
                 return True
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
-                    self.errors.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
-                    log.warning("MLflow %s failed after %d tries: %s", what, attempt, exc)
+                    text = mask_uri(str(exc))
+                    self.errors.append(f"{what}: {type(exc).__name__}: {text[:200]}")
+                    log.warning("MLflow %s failed after %d tries: %s", what, attempt, text)
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
