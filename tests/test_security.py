@@ -306,8 +306,15 @@ def test_model_bundle_refuses_malicious_weights(tmp_path: Path) -> None:
     (bundle / "bundle.json").write_text(json.dumps({
         "model_spec": {"kind": "mlp", "hidden": [4]}, "input_shape": [3], "n_outputs": 2,
         "task": "classification", "feature_columns": ["a", "b", "c"]}))
-    with open(bundle / "preprocessor.pkl", "wb") as fh:
-        pickle.dump(None, fh)
+    import pandas as pd
+
+    from trainer import preprocessor_state
+    from trainer.encode import Preprocessor
+    from trainer.impute import Imputer
+
+    frame = pd.DataFrame({"a": [1.0, 2.0, None], "b": [0.0, 1.0, 2.0], "c": [3.0, 1.0, 2.0]})
+    pre = Preprocessor(Imputer(), "classification").fit(frame, pd.Series(["x", "y", "x"]))
+    preprocessor_state.save(pre, bundle)
     _malicious(bundle / "weights.pt", marker)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         ModelBundle.load(bundle)
