@@ -25,6 +25,7 @@ from trainer.pipeline import Prepared, RawData, prepare, split_data
 from tuning import registry
 from tuning.callback import MlflowSweepCallback, SweepTracker
 from tuning.errors import RungwiseError
+from tuning.localray import loopback_node
 from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
 from tuning.results import best_trial, evaluate_best
@@ -70,8 +71,9 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=True)
+    with loopback_node(address):  # a local Ray listens on 127.0.0.1 only
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
     if main and callable(before):  # ray.init replaces it with a handler that aborts
         signal.signal(signal.SIGTERM, before)
 
