@@ -411,11 +411,7 @@ def resolve_data_path(path: str, base_dir: Path) -> str:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read, override (dotted keys) and validate a YAML job spec."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
-    text = p.read_bytes()
-    if len(text) > MAX_SPEC_BYTES:
-        raise SpecError(f"spec file is {len(text):,} bytes; the limit is {MAX_SPEC_BYTES:,}")
+    text = _read_spec_bytes(p)
     try:
         raw = yaml.load(text.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe)
     except UnicodeDecodeError:
@@ -429,6 +425,29 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
         for key, value in (overrides or {}).items():
             set_path_raw(raw, key, value)
     return validate_spec(raw, base_dir=p.resolve().parent)
+
+
+def _read_spec_bytes(p: Path) -> bytes:
+    """The file's bytes, its size checked before reading; only a regular file (a FIFO or a
+    device such as /dev/zero would block or never end)."""
+    import stat
+
+    try:
+        st = p.stat()
+    except OSError:
+        raise SpecError(f"spec file not found: {p}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"spec file not found: {p} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(f"{p}: not a regular file; a job spec is a YAML file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file is {st.st_size:,} bytes; the limit is {MAX_SPEC_BYTES:,}")
+    with p.open("rb") as f:
+        text = f.read(MAX_SPEC_BYTES + 1)  # a file that grew since stat is still bounded
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file is over {MAX_SPEC_BYTES:,} bytes; the limit is "
+                        f"{MAX_SPEC_BYTES:,}")
+    return text
 
 
 def set_path_raw(raw: dict[str, Any], path: str, value: Any) -> None:
