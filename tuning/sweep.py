@@ -25,6 +25,7 @@ from trainer.pipeline import Prepared, RawData, prepare, split_data
 from tuning import registry
 from tuning.callback import MlflowSweepCallback, SweepTracker
 from tuning.errors import RungwiseError
+from tuning.fits import check_sweep_fits
 from tuning.localray import loopback_node
 from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
@@ -207,6 +208,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
         init_ray(address)
         _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
         local = prep.result()
+        check_sweep_fits(spec, list(local.values()))  # memory: before any trial or run
     refs = share_data(local)
     _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.spec import MAX_SPEC_BYTES, SpecError, load_spec, validate_spec  # noqa: F401 (bounds below)
+from jobs.spec import MAX_SPEC_BYTES, SpecError, load_spec, validate_spec
 
 GOOD = "name: t\ndata: {path: /t.csv}\n"
 
@@ -70,3 +70,36 @@ def test_a_symlink_to_a_spec_is_read(tmp_path: Path) -> None:
 
 def test_a_directory_is_not_a_spec(tmp_path: Path) -> None:
     assert _refusal(tmp_path) == f"spec file not found: {tmp_path} is a directory"
+
+
+# --- upper bounds -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.batch_size", 2**24 + 1, "train.batch_size: Input should be less than or equal to "
+                                    "16777216; got 16777217"),
+    ("train.threads", 1025, "train.threads: Input should be less than or equal to 1024; "
+                            "got 1025"),
+    ("tune.max_concurrent", 10_001, "tune.max_concurrent: Input should be less than or equal "
+                                    "to 10000; got 10001"),
+    ("resources.cpus_per_worker", 2000, "resources.cpus_per_worker: Input should be less "
+                                        "than or equal to 1024; got 2000"),
+    ("model.hidden", [2**20 + 1], "model.hidden: at most 64 layers of at most 1,048,576 units "
+                                  "each, got [1048577]"),
+    ("model.channels", [8] * 65, "model.channels: at most 64 layers of at most 1,048,576 "
+                                 "units each, got [8, 8, 8, 8, 8, 8, 8, 8, ...] (65 layers)"),
+])
+def test_absurd_sizes_are_refused_naming_the_key(key: str, value: object, message: str) -> None:
+    section, name = key.split(".")
+    raw = {"name": "t", "data": {"path": "/t.csv"}, section: {name: value}}
+    with pytest.raises(SpecError) as info:
+        validate_spec(raw, base_dir=None)
+    assert str(info.value) == message
+
+
+def test_the_bounds_themselves_are_allowed() -> None:
+    raw = {"name": "t", "data": {"path": "/t.csv"},
+           "train": {"batch_size": 2**24, "threads": 1024},
+           "tune": {"max_concurrent": 10_000}, "model": {"hidden": [2**20] + [1] * 63}}
+    spec = validate_spec(raw, base_dir=None)
+    assert (spec.train.batch_size, spec.tune.max_concurrent) == (2**24, 10_000)
