@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_SPEC_BYTES = 1_000_000
 MAX_SPEC_DEPTH = 32
+# Upper bounds on sizes that no machine runs (what fits a given cluster is checked before a
+# run starts, from the data's shape: trainer/memory.py).
+MAX_LAYERS = 64
+MAX_LAYER_SIZE = 2**20
 
 
 class SpecError(ValueError):
@@ -98,7 +102,14 @@ class ModelSpec(_Strict):
         bad = [x for x in v if x < 1]
         if bad:
             raise ValueError(f"layer sizes must be >= 1, got {v}")
+        if len(v) > MAX_LAYERS or max(v, default=0) > MAX_LAYER_SIZE:
+            raise ValueError(f"at most {MAX_LAYERS} layers of at most {MAX_LAYER_SIZE:,} "
+                             f"units each, got {_brief(v)}")
         return v
+
+
+def _brief(v: list[int]) -> str:
+    return str(v) if len(v) <= 8 else f"[{', '.join(map(str, v[:8]))}, ...] ({len(v)} layers)"
 
 
 class EarlyStoppingSpec(_Strict):
@@ -108,7 +119,7 @@ class EarlyStoppingSpec(_Strict):
 
 class TrainSpec(_Strict):
     epochs: int = Field(30, ge=1, le=100_000)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=2**24)
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -120,7 +131,7 @@ class TrainSpec(_Strict):
     early_stopping: EarlyStoppingSpec | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1, le=1024)
     """torch intra-op threads per trial; 1 is fastest when trials share the cores."""
     deterministic: bool = False
     """Deterministic kernels (cuDNN, cuBLAS, torch's deterministic algorithms): reproducible
@@ -136,7 +147,7 @@ class TuneSpec(_Strict):
     search: Literal["grid", "random", "bayes", "asha", "hyperband", "bohb", "median", "pbt",
                     "auto"] = "asha"
     num_samples: int = Field(8, ge=1, le=100_000)
-    max_concurrent: int = Field(2, ge=1)
+    max_concurrent: int = Field(2, ge=1, le=10_000)
     metric: Literal["val_loss", "val_accuracy", "val_rmse", "train_loss"] = "val_loss"
     mode: Literal["min", "max"] | None = None
     grace_period: int = Field(1, ge=1)
@@ -190,7 +201,7 @@ def _check_dimension(path: str, dim: Any) -> None:
 class ResourcesSpec(_Strict):
     workers_per_trial: int = Field(1, ge=1, le=1024)
     gpus_per_worker: Literal["auto"] | float = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -414,11 +425,7 @@ def resolve_data_path(path: str, base_dir: Path) -> str:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read, override (dotted keys) and validate a YAML job spec."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
-    text = p.read_bytes()
-    if len(text) > MAX_SPEC_BYTES:
-        raise SpecError(f"spec file is {len(text):,} bytes; the limit is {MAX_SPEC_BYTES:,}")
+    text = _read_spec_bytes(p)
     try:
         raw = yaml.load(text.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe)
     except UnicodeDecodeError:
@@ -432,6 +439,29 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
         for key, value in (overrides or {}).items():
             set_path_raw(raw, key, value)
     return validate_spec(raw, base_dir=p.resolve().parent)
+
+
+def _read_spec_bytes(p: Path) -> bytes:
+    """The file's bytes, its size checked before reading; only a regular file (a FIFO or a
+    device such as /dev/zero would block or never end)."""
+    import stat
+
+    try:
+        st = p.stat()
+    except OSError:
+        raise SpecError(f"spec file not found: {p}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"spec file not found: {p} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(f"{p}: not a regular file; a job spec is a YAML file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file is {st.st_size:,} bytes; the limit is {MAX_SPEC_BYTES:,}")
+    with p.open("rb") as f:
+        text = f.read(MAX_SPEC_BYTES + 1)  # a file that grew since stat is still bounded
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file is over {MAX_SPEC_BYTES:,} bytes; the limit is "
+                        f"{MAX_SPEC_BYTES:,}")
+    return text
 
 
 def set_path_raw(raw: dict[str, Any], path: str, value: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from trainer.memory import check_fits, machine_memory
 from trainer.models import explain_oom, is_oom, new_model
 from trainer.pipeline import load_and_prepare
 from trainer.run import RunResult, train_run
@@ -13,6 +14,10 @@ from trainer.run import RunResult, train_run
 def train_command(spec: Any, tracking: bool = True) -> int:
     t0 = time.perf_counter()
     prepared = load_and_prepare(spec.data, spec.impute)
+    available = machine_memory()
+    if available:  # a run that cannot fit is refused before it starts
+        check_fits(spec.model, spec.train, prepared.input_shape, prepared.n_outputs, available,
+                   "this machine")
     try:  # a model that does not fit the data, or memory, fails before MLflow
         new_model(spec.model, prepared, seed=spec.train.seed)
     except Exception as exc:

@@ -264,12 +264,14 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int) -> OutOfMemory:
-    """Name the likely cause: the model's size, else the batch size."""
+    """Name the likely cause: the model's size, else the batch size (``trainer.memory``'s
+    estimate, the one that is checked before a run starts)."""
+    from trainer.memory import estimate, gib
+
     hidden = list(getattr(model_spec, "hidden", []))
-    sizes = [n_inputs, *hidden]
-    params = sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
-    where = (f"model.hidden={hidden} needs about {params * 4 / 2**30:.1f} GiB for its weights"
-             if params * 4 > 2**30 else
+    est = estimate(model_spec, train_spec, (n_inputs,), 1)
+    where = (f"model.hidden={hidden} needs about {gib(est.weights)} for its weights"
+             if est.weights > 2**30 else
              f"train.batch_size={train_spec.batch_size} is the likely cause")
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return OutOfMemory(f"out of memory: {where}; lower it and retry ({first})")

@@ -25,6 +25,8 @@ from trainer.pipeline import Prepared, RawData, prepare, split_data
 from tuning import registry
 from tuning.callback import MlflowSweepCallback, SweepTracker
 from tuning.errors import RungwiseError
+from tuning.fits import check_sweep_fits
+from tuning.localray import loopback_node
 from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
 from tuning.results import best_trial, evaluate_best
@@ -70,8 +72,9 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=True)
+    with loopback_node(address):  # a local Ray listens on 127.0.0.1 only
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
     if main and callable(before):  # ray.init replaces it with a handler that aborts
         signal.signal(signal.SIGTERM, before)
 
@@ -205,6 +208,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
         init_ray(address)
         _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
         local = prep.result()
+        check_sweep_fits(spec, list(local.values()))  # memory: before any trial or run
     refs = share_data(local)
     _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),

@@ -201,29 +201,32 @@ HUGE = [200000, 200000]  # 200k x 200k float32 weights = 149 GiB: no CPU here ca
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_an_out_of_memory_trial_fails_with_a_clear_message(
+def test_a_search_space_whose_choice_cannot_fit_is_refused_before_any_trial(
         ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         mlflow_uri: str) -> None:
+    """The memory a trial needs is estimated before the sweep starts (trainer/memory.py): a
+    choice that no node can hold refuses the sweep, naming the choice, before MLflow or Tune
+    see anything (it used to fail as one trial among the others, after it had started)."""
+    from trainer.models import OutOfMemory
+
     spec = small_spec(tmp_path, monkeypatch, mlflow_uri, **{
         "tune.search": "grid", "train.epochs": 2,
         "tune.space": {"model.hidden": {"choice": [[16], HUGE, [32]]}}})
-    result = run_sweep(spec, quiet=True, register=False)
-
-    kids = {k.data.params["model.hidden"]: k for k in children(mlflow_uri,
-                                                                 result.parent_run_id)}
-    assert len(kids) == 3
-    oom = kids[str(HUGE)]
-    assert oom.info.status == "FAILED" and oom.data.tags["rungwise.status"] == "failed"
-    error = oom.data.tags["rungwise.error"]
-    assert "out of memory" in error and "model.hidden=[200000, 200000]" in error, error
-    for hidden in ("[16]", "[32]"):
-        assert kids[hidden].info.status == "FINISHED"
-    assert result.best_overrides["model.hidden"] in ([16], [32])
-    assert math.isfinite(result.best_value)
+    with pytest.raises(OutOfMemory) as info:
+        run_sweep(spec, quiet=True, register=False)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"tune.space.model.hidden: the choice {HUGE} needs about 601.0 GiB"), msg
+    assert "(weights 149.1 GiB, gradients and adamw state 447.3 GiB" in msg, msg
+    assert "; the largest node of the Ray cluster has " in msg and msg.endswith(": lower it")
+    cl = MlflowClient(mlflow_uri)
+    assert cl.search_runs([e.experiment_id for e in cl.search_experiments()]) == []
+    assert not list((tmp_path / "runs").rglob("*.json"))  # no sweep state written
 
 
 @pytest.mark.slow
 def test_train_out_of_memory_exits_2_with_one_line(tmp_path: Path) -> None:
+    """`rungwise train` estimates the run's memory before it builds the model."""
     store = tmp_path / "mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("RUNGWISE_DEBUG", None)
@@ -234,13 +237,11 @@ def test_train_out_of_memory_exits_2_with_one_line(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     err = out.stderr.strip().splitlines()
     assert len(err) == 1, out.stderr[-2000:]
-    assert err[0].startswith("rungwise: error: out of memory: model.hidden=[200000, 200000]"), \
-        err[0]
+    assert err[0].startswith(
+        "rungwise: error: model.hidden=[200000, 200000] needs about 601.0 GiB"), err[0]
+    assert "(weights 149.1 GiB" in err[0] and "; this machine has " in err[0], err[0]
     assert out.returncode == 2, out.stderr[-2000:]
-    if store.exists():  # the model may fail before MLflow is touched; if not, not RUNNING
-        cl = MlflowClient(f"sqlite:///{store}")
-        runs = cl.search_runs([e.experiment_id for e in cl.search_experiments()])
-        assert all(r.info.status == "FAILED" for r in runs), [r.info.status for r in runs]
+    assert not store.exists()  # refused before MLflow is touched
 
 
 @pytest.mark.slow
