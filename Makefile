@@ -36,4 +36,4 @@ lint: setup
 	$(BIN)/mypy trainer tuning jobs
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns rungwise-runs
+	rm -rf $(VENV) mlflow.db mlflow.db.lock mlruns rungwise-runs

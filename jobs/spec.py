@@ -438,7 +438,21 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
     if isinstance(raw, dict):
         for key, value in (overrides or {}).items():
             set_path_raw(raw, key, value)
-    return validate_spec(raw, base_dir=p.resolve().parent)
+    spec = validate_spec(raw, base_dir=p.resolve().parent)
+    _check_space(spec)
+    return spec
+
+
+def _check_space(spec: JobSpec) -> None:
+    """Every path and value of ``tune.space`` checked on load, in every command, so that
+    ``rungwise inspect`` and ``train`` refuse what ``tune`` would refuse."""
+    from tuning.errors import RungwiseError
+    from tuning.space import validate_space
+
+    try:
+        validate_space(spec)
+    except RungwiseError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def _read_spec_bytes(p: Path) -> bytes:

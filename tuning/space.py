@@ -12,8 +12,6 @@ import itertools
 import json
 from typing import Any
 
-from ray import tune
-
 from tuning.errors import RungwiseError
 
 JSON_PREFIX = "json:"
@@ -38,6 +36,8 @@ def decode_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def build_param_space(space: dict[str, dict[str, Any]], *, grid: bool = False) -> dict[str, Any]:
     """Ray Tune domains for each dimension; with ``grid`` every dimension must be discrete."""
+    from ray import tune  # here, so that loading a spec (which validates its space) needs no Ray
+
     out: dict[str, Any] = {}
     for path, dim in space.items():
         kind, args = next(iter(dim.items()))

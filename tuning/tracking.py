@@ -82,10 +82,26 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             f"({reason}); start it or fix the URI") from None
 
 
+_OPENED: set[str] = set()
+
+
 def client(uri: str) -> Any:
+    """An MlflowClient; the first one of a SQLite store in this process opens it under a
+    file lock, since two processes that open a fresh store at the same moment race in
+    MLflow's schema migrations (``duplicate column name: step``)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    with FileLock(str(db.with_name(db.name + ".lock")), timeout=300):
+        cl = MlflowClient(tracking_uri=uri)
+        cl.search_experiments(max_results=1)  # creates or migrates the schema
+        cl.search_registered_models(max_results=1)  # and the registry's store
+    _OPENED.add(uri)
+    return cl
 
 
 def experiment_id(cl: Any, name: str) -> str:

@@ -410,3 +410,25 @@ def test_missing_spec_file(tmp_path: Path) -> None:
     for path in (tmp_path / "nope.yaml", tmp_path):
         with pytest.raises(SpecError, match="spec file not found"):
             load_spec(path)
+
+
+def test_a_space_key_that_does_not_exist_is_refused_on_load_in_every_command(
+        tmp_path: Path) -> None:
+    """`rungwise inspect` and `train` refuse what `tune` refuses (issue #13)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    for command in ("inspect", "train"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs", command, str(root / "examples" / "adult.yaml"),
+             "--set", "tune.space={train.nope: {choice: [1, 2]}}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [
+            "rungwise: error: tune.space.train.nope: value 1 is refused by the spec: train.nope: "
+            "no such key in the spec; allowed here: batch_size, deterministic, device, "
+            "early_stopping, epochs, gamma, grad_clip, lr, lr_schedule, momentum, optimizer, "
+            "seed, step_size, threads, weight_decay"], command
+        assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,50 @@
+"""Two processes opening one fresh SQLite tracking store at the same moment (issue #13).
+
+MLflow migrates a fresh store's schema on first open; two processes doing it at once race
+(one dies with ``duplicate column name: step``). ``tuning.tracking.client`` serialises the
+first open with a file lock. Here three processes wait at a barrier (a file), then open the
+same fresh store at once and create a run each.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+OPEN = """
+import os, sys, time
+go = sys.argv[2]
+while not os.path.exists(go):
+    time.sleep(0.005)
+from tuning.tracking import client, experiment_id
+cl = client(sys.argv[1])
+run = cl.create_run(experiment_id(cl, "race"))
+print(run.info.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> None:
+    for attempt in range(2):
+        uri = f"sqlite:///{tmp_path / f'mlflow-{attempt}.db'}"
+        go = tmp_path / f"go-{attempt}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN, uri, str(go)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        time.sleep(8)  # every process has imported MLflow and waits at the barrier
+        go.touch()
+        results = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], [err[-800:] for _, err in results]
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("race")
+        runs = MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])
+        assert len(runs) == 3
