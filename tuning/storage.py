@@ -138,17 +138,17 @@ class StoragePath:
         return self.fs.get_file_info(self.fs_path).type == pafs.FileType.Directory
 
     def read_text(self) -> str:
-        with self.fs.open_input_stream(self.fs_path) as f:
+        with self.fs.open_input_stream(self.fs_path, compression=None) as f:
             return bytes(f.read()).decode()
 
     def write_text(self, text: str) -> None:
         """Whole or not at all: an object store's PUT is atomic; locally, write and rename."""
         if not self.storage.local:
-            with self.fs.open_output_stream(self.fs_path) as f:
+            with self.fs.open_output_stream(self.fs_path, compression=None) as f:
                 f.write(text.encode())
             return
         tmp = f"{self.fs_path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
+        with self.fs.open_output_stream(tmp, compression=None) as f:
             f.write(text.encode())
         self.fs.move(tmp, self.fs_path)
 

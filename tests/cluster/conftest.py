@@ -199,8 +199,39 @@ def stop_all(procs: list[subprocess.Popen[bytes]], temp_dir: Path) -> None:
     _signal(_pids_under(temp_dir), signal.SIGKILL)
 
 
+@dataclass
+class S3:
+    endpoint: str
+    env: dict[str, str]
+    """AWS_* variables pointing at the server (test credentials)."""
+
+    def fs(self) -> object:
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, access_key="testing",
+                                 secret_key="testing", region="us-east-1",
+                                 allow_bucket_creation=True)
+
+
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def moto_s3() -> Iterator[S3]:
+    """moto's S3 server on a free port of 127.0.0.1 with the bucket BUCKET."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rwm-", dir="/tmp"))
+    proc, endpoint = _start_moto(temp_dir)
+    try:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        s3 = S3(endpoint, env)
+        s3.fs().create_dir(BUCKET)  # type: ignore[attr-defined]
+        yield s3
+    finally:
+        stop_all([proc], temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(moto_s3: S3) -> Iterator[Cluster]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rwc-", dir="/tmp"))  # short: socket paths
     work = temp_dir / "work"
     work.mkdir()
@@ -216,14 +247,12 @@ def cluster() -> Iterator[Cluster]:
     (home / ".ray" / "auth_token").chmod(0o600)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        moto, endpoint = _start_moto(temp_dir)
-        procs.append(moto)
+        endpoint = moto_s3.endpoint
         env = _env(home, endpoint)
         head, address, dashboard = _start_head(temp_dir, env)
         procs.append(head)
         _wait_job_server(dashboard, token, head, temp_dir / "head.log")
         c = Cluster(address, dashboard, env, temp_dir, work, endpoint, procs)
-        c.s3().create_dir(BUCKET)  # type: ignore[attr-defined]
         c.add_worker("worker-1")
         yield c
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.spec import SpecError, load_spec
+from tests.cluster.conftest import BUCKET, S3
 from tests.cluster.test_two_nodes import NAME, write_spec
 from tests.conftest import ROOT
 from tuning.errors import RungwiseError
@@ -91,3 +92,28 @@ def test_credentials_in_the_storage_uri_are_refused(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "sqlite:///x.db")
     with pytest.raises(SpecError, match="tune.storage: credentials do not belong"):
         load_spec(spec, {"tune.storage": "s3://b/p?access_key=a&secret_key=b"})
+
+
+def test_data_path_may_be_an_object_store_uri(moto_s3: S3, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    from trainer.data import read_table
+
+    for key, value in moto_s3.env.items():
+        monkeypatch.setenv(key, value)
+    fs = moto_s3.fs()
+    local = load_spec(write_spec(tmp_path, "sqlite:///x.db")).data
+    with open(local.path, "rb") as src, \
+            fs.open_output_stream(f"{BUCKET}/data/adult.csv.gz",
+                                compression=None) as dst:  # type: ignore
+        dst.write(src.read())
+    expected = read_table(local)
+    from_bucket = read_table(local.model_copy(update={"path": f"s3://{BUCKET}/data/adult.csv.gz"}))
+    pd.testing.assert_frame_equal(from_bucket, expected)
+    expected.head(100).to_parquet(tmp_path / "rows.parquet")
+    with fs.open_output_stream(f"{BUCKET}/data/rows.parquet") as dst:  # type: ignore
+        dst.write((tmp_path / "rows.parquet").read_bytes())
+    rows = read_table(local.model_copy(update={"path": f"s3://{BUCKET}/data/rows.parquet",
+                                               "columns": None}))
+    assert rows.shape == (100, expected.shape[1])
