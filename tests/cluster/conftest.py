@@ -117,7 +117,10 @@ def _node_ports() -> list[str]:
 
 def _start_worker(cluster: Cluster, name: str, cpus: int) -> subprocess.Popen[bytes]:
     ray_cmd = [str(VENV_BIN / "ray"), "start", "--address", cluster.address, "--block",
-               "--num-cpus", str(cpus), "--num-gpus", "0", *_node_ports()]
+               "--num-cpus", str(cpus), "--num-gpus", "0", *_node_ports(),
+               # its own temp dir: a node that shared the head's would garbage-collect the
+               # job's working_dir from under the job's driver (one machine, one folder)
+               "--temp-dir", str(cluster.temp_dir / name)]
     script = (f"mount -t tmpfs tmpfs {cluster.work} && exec "
               + " ".join(f"'{a}'" for a in ray_cmd))
     log = cluster.temp_dir / f"{name}.log"
@@ -258,3 +261,26 @@ def cluster(moto_s3: S3) -> Iterator[Cluster]:
     finally:
         stop_all(list(reversed(procs)), temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3(cluster: Cluster) -> Iterator[str]:
+    """``mlflow server`` on the head's side: runs in SQLite there, artifacts in the bucket
+    (``--artifacts-destination s3://... --serve-artifacts``: clients never need S3 access)."""
+    from tests.conftest import _wait_http
+
+    root = cluster.temp_dir / "mlflow-server"
+    root.mkdir()
+    (port,) = _free_ports(1)
+    log = root / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+         "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"],
+        env=cluster.env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url + "/health", proc, log)
+        yield url
+    finally:
+        stop_all([proc], root)

@@ -84,11 +84,15 @@ def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:
 
 
 def checkpointed_trials(files: list[str]) -> set[str]:
-    """Trial folders (``.../<sweep>/<trial>/checkpoint_*/trial.ckpt``) that hold a checkpoint."""
+    """Ids of the trials whose folder (``.../<sweep>/run_trial_<id>_.../checkpoint_*/``) holds a
+    checkpoint. By id, not folder: a trial that a killed driver had started but not yet saved
+    in Tune's state is started again on resume, in a new folder."""
+    import re
+
     from tuning.trainable import CKPT_FILE
 
-    return {f.split("/checkpoint_")[0] for f in files
-            if "/checkpoint_" in f and f.endswith("/" + CKPT_FILE)}
+    return {m.group(1) for f in files if f.endswith("/" + CKPT_FILE)
+            and (m := re.search(r"/run_trial_([0-9a-f]+_\d+)_[^/]*/checkpoint_", f))}
 
 
 def test_sweep_with_s3_storage_on_the_split_cluster(cluster: Cluster) -> None:
@@ -221,3 +225,34 @@ def test_retrain_lease_in_the_bucket_refuses_a_retrain_from_another_folder(
     out = rungwise(cluster, second, "retrain", str(spec_file), "--set", storage)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PROMOTED" in out.stdout and str(lock_path(spec)) == f"s3://{lease}"
+
+
+def test_submit_to_the_split_cluster_then_predict_from_another_folder(
+        cluster: Cluster, mlflow_s3: str) -> None:
+    import pandas as pd
+
+    folder = cluster.work / "g"
+    spec = write_spec(folder, mlflow_s3)
+    (folder / "pyproject.toml").write_text("")  # the folder shipped as the job's working_dir
+    out = rungwise(cluster, folder, "submit", str(spec), "--address", cluster.dashboard,
+                   "--command", "tune", "--set", f"tune.storage={cluster.bucket_uri('g')}",
+                   "--follow")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.rstrip().endswith("status: SUCCEEDED")
+    kids = children(mlflow_s3)
+    assert len(kids) == NUM_SAMPLES and {r.info.status for r in kids} == {"FINISHED"}
+    assert len(checkpointed_trials(bucket_files(cluster, f"g/{NAME}"))) == NUM_SAMPLES
+    assert any(f.endswith("/MLmodel") for f in bucket_files(cluster, "mlartifacts"))
+    # another working folder, no S3 credentials: the model comes through the server's proxy
+    other = cluster.work / "g-predict"
+    other.mkdir()
+    rows = pd.read_csv(DATA / "adult" / "adult-train.csv.gz", header=None, nrows=20)
+    rows.iloc[:5, 1] = "?"  # missing workclass: the bundled imputer fills it
+    rows.to_csv(other / "rows.csv", header=False, index=False)
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
+    pred = subprocess.run([sys.executable, "-m", "jobs", "predict", str(spec), "--input",
+                           "rows.csv", "--output", "out.csv"], cwd=other, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    got = pd.read_csv(other / "out.csv")
+    assert len(got) == 20 and got["prediction"].notna().all()
