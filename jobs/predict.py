@@ -14,7 +14,7 @@ def read_rows(spec: Any, path: str) -> Any:
     """Read like the training data (same columns, delimiter, na_values), target optional."""
     from trainer.data import read_table
 
-    if not Path(path).is_file():
+    if "://" not in path and not Path(path).is_file():  # a URI is read through pyarrow
         raise UserError(f"--input: file not found: {path}")
     data = SimpleNamespace(**{**spec.data.model_dump(), "path": path})
     return read_table(data)

@@ -12,9 +12,8 @@ The order is what makes a retrain safe to run unattended:
 5. the decision is written to MLflow and printed; promotion, when earned, is the last registry
    write: one ``set_registered_model_alias`` call, so a crash before it leaves the champion.
 
-The lock is a file lock under the storage root, so it is per machine. On Kubernetes, where
-each scheduled run may land on another node, the CronJob's ``concurrencyPolicy: Forbid`` is
-what keeps two retrains apart.
+The lock is a lease file in the storage (``tune.storage``; jobs/lease.py): two retrains started
+on two machines against one storage see the same lease, and a crashed holder's lease expires.
 """
 
 from __future__ import annotations
@@ -27,10 +26,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from tuning.storage import StoragePath
 
 CRASH_HOOK = "RUNGWISE_TEST_CRASH_BEFORE_PROMOTE"
 GATE_METRICS = {  # tune.metric -> (holdout metric for classification, for regression)
@@ -113,33 +114,31 @@ def decide(gate: Gate, champion: float | None, challenger: float, *, first_model
 # --- lock ------------------------------------------------------------------------------
 
 
-def lock_path(spec: Any) -> Path:
-    """``storage_root() / <spec name> / retrain.lock``, computed here as ``tuning.sweep``
-    does: importing that module starts Ray's import, and a refused retrain should be quick."""
-    root = Path(os.environ.get("RUNGWISE_STORAGE", "rungwise-runs")).resolve()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
-    return root / safe / "retrain.lock"
+def lock_path(spec: Any) -> StoragePath:
+    """``<storage>/<spec name>/retrain.lock``, in the sweep's storage (``tune.storage``, else
+    RUNGWISE_STORAGE): every machine that retrains this spec sees the same file."""
+    from tuning.storage import open_storage, safe_name
+
+    return open_storage(spec.tune.storage).path(safe_name(spec.name), "retrain.lock")
 
 
 @contextmanager
-def retrain_lock(spec: Any, wait: bool = False) -> Iterator[Path]:
-    """Hold the per-machine retrain lock of ``spec``; without ``wait``, fail at once."""
-    from filelock import FileLock, Timeout
-
+def retrain_lock(spec: Any, wait: bool = False) -> Iterator[StoragePath]:
+    """Hold the retrain lease of ``spec`` (see jobs/lease.py); without ``wait``, fail at once."""
     from jobs.cli import UserError
+    from jobs.lease import LeaseHeld, acquire, describe
 
     path = lock_path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
     try:
-        lock.acquire(timeout=-1 if wait else 0)
-    except Timeout:
-        raise UserError(f"retrain: another retrain of {spec.name!r} is running on this machine "
-                        f"(lock {path}); wait for it or pass --wait") from None
+        lease = acquire(path, wait=wait)
+    except LeaseHeld as held:
+        raise UserError(f"retrain: another retrain of {spec.name!r} is running (lease "
+                        f"{path.shown}, {describe(held.holder)}); wait for it or pass "
+                        "--wait") from None
     try:
         yield path
     finally:
-        lock.release()
+        lease.release()
 
 
 # --- the champion's and earlier sweeps' configurations -------------------------------

@@ -33,9 +33,9 @@ def _add_retrain(sub: Any, add_spec: AddSpec) -> None:
                     "refit the champion's configuration (refit), score champion and challenger "
                     "on the new data's test split, and move the champion alias only when the "
                     "challenger is better by schedule.promote_if_better_by. Exit code 0 whether "
-                    "promoted or kept. One retrain per spec at a time, per machine (a file "
-                    "lock under RUNGWISE_STORAGE); on Kubernetes use the CronJob's "
-                    "concurrencyPolicy: Forbid.")
+                    "promoted or kept. One retrain per spec at a time, across machines: a "
+                    "lease file in the storage (tune.storage / RUNGWISE_STORAGE) that "
+                    "expires when its holder stops renewing it.")
     add_spec(p)
     p.add_argument("--wait", action="store_true",
                    help="wait for a running retrain of this spec instead of exiting with 2")

@@ -154,6 +154,9 @@ class TuneSpec(_Strict):
     reduction_factor: int = Field(3, ge=2)
     max_failures: int = Field(0, ge=0)
     time_budget_s: float | None = Field(None, gt=0)
+    storage: str | None = Field(None, min_length=1)
+    """Where trials' checkpoints, Tune's state and rungwise's own state go: a path every node
+    sees (NFS) or a URI (s3://, gs://, ...); default RUNGWISE_STORAGE, else ./rungwise-runs."""
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("space")
@@ -162,6 +165,15 @@ class TuneSpec(_Strict):
         for path, dim in space.items():
             _check_dimension(path, dim)
         return space
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        query = (v or "").partition("?")[2].lower()
+        if "secret_key" in query or "session_token" in query:
+            raise ValueError("credentials do not belong in the URI (it is logged to MLflow); "
+                             "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY on every node")
+        return v
 
     @model_validator(mode="after")
     def _mode(self) -> TuneSpec:

@@ -77,6 +77,18 @@ def _check_exists(path: str) -> None:
         raise DataError(f"data.path: file not found: {path}")
 
 
+def _source(path: str, seekable: bool = False) -> Any:
+    """A local path as is; a URI (s3://, gs://, ...) opened through pyarrow's filesystems,
+    decompressed by its extension (.gz, ...) unless ``seekable`` (Parquet, .npz)."""
+    if "://" not in path:
+        return path
+    import pyarrow.fs as pafs
+
+    fs, fs_path = pafs.FileSystem.from_uri(path)
+    return fs.open_input_file(fs_path) if seekable else \
+        fs.open_input_stream(fs_path, compression="detect")
+
+
 def read_table(data: Any) -> pd.DataFrame:
     """Read the table named by ``data.path`` with pyarrow; ``na_values`` become missing."""
     path = str(data.path)
@@ -86,7 +98,7 @@ def read_table(data: Any) -> pd.DataFrame:
         check_width(_count_columns(path, fmt, data) - 1, data)
     try:
         if fmt == "parquet":
-            df = pd.read_parquet(path, engine="pyarrow")
+            df = pd.read_parquet(_source(path, seekable=True), engine="pyarrow")
         else:
             df = _read_csv(path, data)
     except DataError:
@@ -130,7 +142,7 @@ def _read_csv(path: str, data: Any) -> pd.DataFrame:
     names = list(data.columns) if data.columns else None
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise DataError(f"data.path: {path} is empty")
-    df = pd.read_csv(path, engine="pyarrow", sep=data.delimiter,
+    df = pd.read_csv(_source(path), engine="pyarrow", sep=data.delimiter,
                      header=None if names else "infer", na_values=list(data.na_values) or None)
     if names is not None:  # pandas would silently turn surplus columns into the index
         if len(names) != df.shape[1] or len(set(names)) != len(names):
@@ -305,7 +317,7 @@ def read_images(data: Any) -> ImageSet:
     if "://" not in path and not zipfile.is_zipfile(path):  # else numpy talks of pickles
         raise DataError(f"data.path: {path} is not an .npz file (a zip of arrays 'x' and 'y')")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(_source(path, seekable=True), allow_pickle=False) as npz:
             if "x" not in npz.files or "y" not in npz.files:
                 raise DataError(f"data.path: {path} must hold arrays 'x' and 'y', "
                                 f"has {', '.join(npz.files) or 'none'}")

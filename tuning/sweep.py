@@ -31,6 +31,7 @@ from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
 from tuning.results import best_trial, evaluate_best
 from tuning.space import impute_variants, validate_space, variant_key
+from tuning.storage import StoragePath, child_of, open_storage, preflight, safe_name
 from tuning.strategies import Strategy, build_strategy
 from tuning.tracking import RunLogger, check_reachable, resolve_tracking_uri
 from tuning.trainable import DRIVER_CPU, Shared, run_ddp_trial, run_trial
@@ -54,13 +55,14 @@ class SweepResult:
     tracking_uri: str | None = None
 
 
-def storage_root() -> Path:
-    return Path(os.environ.get("RUNGWISE_STORAGE", "rungwise-runs")).resolve()
+def storage_root(spec: Any = None) -> StoragePath:
+    """``tune.storage``, else ``RUNGWISE_STORAGE``, else ``./rungwise-runs``: see tuning.storage."""
+    storage = open_storage(getattr(getattr(spec, "tune", None), "storage", None))
+    return storage.path()
 
 
-def _state_path(spec: Any) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
-    return storage_root() / safe / STATE_FILE
+def _state_path(spec: Any) -> StoragePath:
+    return storage_root(spec) / safe_name(spec.name) / STATE_FILE
 
 
 def init_ray(address: str | None) -> None:
@@ -145,11 +147,12 @@ def _gpus(value: str | float) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: Path, callbacks: list[Any],
-           resume: bool) -> tune.Tuner:
+def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: StoragePath,
+           callbacks: list[Any], resume: bool) -> tune.Tuner:
     if resume:
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=strategy.param_space)
+        tuner = tune.Tuner.restore(path.fs_path, trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=strategy.param_space,
+                                   storage_filesystem=path.fs)
         internal = getattr(tuner, "_local_tuner", None)  # the live callbacks, not pickled ones
         if internal is not None and hasattr(internal, "_run_config"):
             internal._run_config.callbacks = callbacks
@@ -165,7 +168,8 @@ def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: Path, callbacks:
             time_budget_s=t.time_budget_s,
             reuse_actors=spec.resources.workers_per_trial == 1),
         run_config=tune.RunConfig(
-            name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0,
+            name=path.name, storage_path=path.parent.fs_path, storage_filesystem=path.fs,
+            callbacks=callbacks, verbose=0,
             # PBT copies other trials' checkpoints: keeping one per trial let a best trial's
             # latest checkpoint be deleted under it (seen once in a full test run)
             checkpoint_config=tune.CheckpointConfig(
@@ -173,16 +177,24 @@ def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: Path, callbacks:
             failure_config=tune.FailureConfig(max_failures=t.max_failures)))
 
 
-def _paths(spec: Any, resume: bool) -> tuple[Path, dict[str, Any]]:
+def _paths(spec: Any, resume: bool) -> tuple[StoragePath, dict[str, Any]]:
+    """The sweep's folder: a new one, or on --resume the one the state file names, which
+    must be a folder directly under the spec's folder in the storage (never a path elsewhere:
+    restoring unpickles what is there)."""
     state_file = _state_path(spec)
     if resume:
         if not state_file.is_file():
             raise RungwiseError(f"--resume: no earlier sweep of {spec.name!r} under "
-                                f"{storage_root()}; run `rungwise tune` without --resume")
-        state = json.loads(state_file.read_text())
-        path = Path(state["experiment_path"])
-        if not tune.Tuner.can_restore(str(path)):
-            raise RungwiseError(f"--resume: {path} holds no restorable sweep")
+                                f"{state_file.parent.shown}; run `rungwise tune` without "
+                                "--resume")
+        try:
+            state = json.loads(state_file.read_text())
+        except ValueError:
+            raise RungwiseError(f"--resume: {state_file.shown} is not JSON; delete it or run "
+                                "without --resume") from None
+        path = child_of(state_file.parent, state.get("experiment_path"))
+        if not tune.Tuner.can_restore(path.fs_path, storage_filesystem=path.fs):
+            raise RungwiseError(f"--resume: {path.shown} holds no restorable sweep")
         return path, state
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return state_file.parent / f"sweep-{stamp}", {}
@@ -207,6 +219,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
         prep = pool.submit(_prepare_and_open_store, spec, raw, uri)
         init_ray(address)
         _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
+        preflight(path.storage)  # every node reads and writes the storage, or nothing starts
         local = prep.result()
         check_sweep_fits(spec, list(local.values()))  # memory: before any trial or run
     refs = share_data(local)

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from filelock import FileLock
 
 from jobs.cli import UserError
 from jobs.retrain import (
@@ -178,10 +177,30 @@ def test_parse_param_reads_back_what_mlflow_stored(text: str, value: Any) -> Non
 
 def test_a_second_lock_of_the_same_spec_is_refused_at_once(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, tmp_path / "x.csv", "sqlite:///x.db"))
-    assert lock_path(spec) == tmp_path / "storage" / NAME / "retrain.lock"
+    assert str(lock_path(spec)) == str(tmp_path / "storage" / NAME / "retrain.lock")
     with retrain_lock(spec), pytest.raises(UserError, match="another retrain"):
         with retrain_lock(spec):
             pass
+    with retrain_lock(spec):  # released on leaving the block
+        pass
+
+
+def test_a_lease_left_by_a_dead_holder_expires(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    spec = load_spec(write_spec(tmp_path, tmp_path / "x.csv", "sqlite:///x.db"))
+    held = lock_path(spec)
+    held.parent.mkdir()
+    crashed = {"owner": "elsewhere-1", "host": "another-machine", "pid": 1}
+    held.write_text(json.dumps({**crashed, "expires": time.time() + 60}))
+    with pytest.raises(UserError, match="another retrain .* held by another-machine pid 1"):
+        with retrain_lock(spec):
+            pass
+    held.write_text(json.dumps({**crashed, "expires": time.time() - 1}))  # stopped renewing
+    with retrain_lock(spec):
+        assert json.loads(held.read_text())["host"] != "another-machine"
+    assert not held.is_file()
 
 
 # --- refit: no Ray ------------------------------------------------------------------------
@@ -224,7 +243,7 @@ def test_crash_before_promote_leaves_the_champion(
     assert alias(mlflow_uri, "challenger") == "2"
     crashed = client(mlflow_uri).get_model_version(NAME, "2").run_id
     assert tags(mlflow_uri, crashed)["rungwise.decision"] == "promoting"  # never "promoted"
-    FileLock(str(lock_path(spec))).acquire(timeout=0).lock.release()  # the lock is free
+    assert not lock_path(spec).is_file()  # the lease is released
 
 
 # --- the CLI: one-line errors, exit 2, nothing changed -----------------------------------
@@ -251,9 +270,7 @@ def test_bad_data_changes_nothing_and_exits_2(tmp_path: Path, mlflow_uri: str,
 def test_second_retrain_exits_2_while_the_lock_is_held(tmp_path: Path, mlflow_uri: str,
                                                        data: dict[str, Path]) -> None:
     path = write_spec(tmp_path, data["good"], mlflow_uri, retrain="refit")
-    held = lock_path(load_spec(path))
-    held.parent.mkdir(parents=True)
-    with FileLock(str(held)):
+    with retrain_lock(load_spec(path)):  # held by this process, seen through the storage
         started = time.perf_counter()
         out = cli("retrain", str(path), cwd=tmp_path)
     assert out.returncode == 2, out.stderr
@@ -268,10 +285,8 @@ def test_wait_blocks_until_the_lock_is_released(tmp_path: Path, mlflow_uri: str)
     broken = tmp_path / "broken.csv"
     broken.write_text("")
     path = write_spec(tmp_path, broken, mlflow_uri, retrain="refit")
-    held = lock_path(load_spec(path))
-    held.parent.mkdir(parents=True)
-    lock = FileLock(str(held))
-    lock.acquire()
+    lock = retrain_lock(load_spec(path))
+    lock.__enter__()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "retrain", str(path), "--wait"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -281,7 +296,7 @@ def test_wait_blocks_until_the_lock_is_released(tmp_path: Path, mlflow_uri: str)
         time.sleep(2)
         assert proc.poll() is None  # waiting on the lock
     finally:
-        lock.release()
+        lock.__exit__(None, None, None)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "data.path" in err  # got the lock, then read the data
 
