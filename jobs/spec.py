@@ -214,6 +214,10 @@ class ResourcesSpec(_Strict):
     workers_per_trial: int = Field(1, ge=1, le=1024)
     gpus_per_worker: Literal["auto"] | float = "auto"
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """Where a multi-worker trial's workers go (Ray's placement-group strategies): pack them
+    on few nodes (fast collectives), or spread them over nodes (more memory, survives less
+    contention)."""
 
     @field_validator("gpus_per_worker")
     @classmethod

@@ -24,7 +24,8 @@ from tuning.space import decode_config
 from tuning.tracking import RunLogger, mask_secrets, mask_uri
 
 TRIAL_TAG = "rungwise.trial_id"
-PRECISION_TAG = "rungwise.precision"
+INFO_TAGS = {"precision": "rungwise.precision", "nodes": "rungwise.nodes"}
+"""Trial facts reported with each result and kept as tags on the trial's run."""
 STATUS_TAG = "rungwise.status"
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_rmse", "lr", "epoch_time_s")
 
@@ -162,9 +163,10 @@ class SweepTracker:
         tid = trial.trial_id
         self.outcomes[tid] = {"status": outcome, **tags}
         all_tags = {STATUS_TAG: outcome, **tags}
-        used = (trial.last_result or {}).get("precision")
-        if used:  # bf16-autocast or fp32: what this trial's training steps ran in
-            all_tags[PRECISION_TAG] = str(used)
+        last = trial.last_result or {}
+        for key, tag in INFO_TAGS.items():  # e.g. bf16-autocast or fp32; nodes of the ranks
+            if last.get(key) is not None:
+                all_tags[tag] = str(last[key])
         end = int(time.time() * 1000)
 
         def write(c: Any) -> None:

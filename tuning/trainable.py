@@ -158,7 +158,8 @@ def run_ddp_trial(config: dict[str, Any], shared: Shared) -> None:
         train_loop_per_worker=ddp_worker,
         train_loop_config={"config": config, "shared": shared},
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=gpus > 0,
-                                     resources_per_worker=per_worker),
+                                     resources_per_worker=per_worker,
+                                     placement_strategy=res.placement.upper()),
         run_config=RunConfig(name=f"ddp-{trial_id}", storage_path=shared.storage_path,
                              callbacks=[TuneReportCallback()]))
     trainer.fit()
@@ -183,6 +184,7 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
     pg = get_current_placement_group()
     extra = {"pg_id": pg.id.hex()} if pg is not None else {}
     extra["precision"] = precision(device)
+    extra["nodes"] = _nodes_of_ranks()
     best = [float("inf")]
 
     def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
@@ -205,6 +207,16 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
             checkpoint=state, checkpoint_every=1 if rank == 0 else 0)
     except DivergedError as exc:
         ray.train.report({**diverged_metrics(spec, exc), **extra})
+
+
+def _nodes_of_ranks() -> int:
+    """On how many nodes this trial's ranks run (all ranks take part; rank 0 reports it)."""
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return len(set(everyone))
 
 
 def _fault_hook(shared: Shared) -> Any:
