@@ -128,8 +128,9 @@ def check_fits(settled: Settled, cluster: Cluster) -> str | None:
     if _slots(bundle, [(n, 1) for n in cluster.nodes]) >= workers:
         return None
     types = cluster.node_types or ()
-    grown = _slots(bundle, [(n, 1) for n in cluster.nodes]
-                   + [(t.resources, t.max_count) for t in types])
+    # a node that the autoscaler added counts within its type's max_count, not on top of it
+    fixed = [n for n in cluster.nodes if not any(_same(n, t.resources) for t in types)]
+    grown = _slots(bundle, [(n, 1) for n in fixed] + [(t.resources, t.max_count) for t in types])
     need = (f"one trial needs {workers} x ({_fmt(bundle)})" if workers > 1 else
             f"one trial needs {_fmt(bundle)}")
     if cluster.autoscaler and cluster.node_types is None:
@@ -141,13 +142,17 @@ def check_fits(settled: Settled, cluster: Cluster) -> str | None:
         return (f"rungwise: no node of the Ray cluster fits a trial now ({need}); the trials "
                 f"wait for the autoscaler to add a node ({', '.join(fit)})")
     have = _fmt({k: sum(n.get(k, 0.0) for n in cluster.nodes) for k in ("CPU", "GPU")})
-    grow = (f", and no node type its autoscaler can add fits it "
-            f"({'; '.join(f'{t.name}: {_fmt(t.resources)}' for t in types) or 'none'})"
+    grow = (f", nor can the nodes its autoscaler may add "
+            f"({'; '.join(_fmt_type(t) for t in types) or 'none'})"
             if cluster.autoscaler else "")
     raise RungwiseError(
         f"resources: {need}, but the Ray cluster's nodes cannot hold it ({have} in all)"
         f"{grow}; lower "
         "resources.workers_per_trial / cpus_per_worker / gpus_per_worker")
+
+
+def _same(node: dict[str, float], kind: dict[str, float]) -> bool:
+    return all(abs(node.get(k, 0.0) - kind.get(k, 0.0)) < EPS for k in ("CPU", "GPU"))
 
 
 def _slots(bundle: dict[str, float], nodes: list[tuple[dict[str, float], int]]) -> float:
@@ -158,6 +163,11 @@ def _slots(bundle: dict[str, float], nodes: list[tuple[dict[str, float], int]]) 
         if per > 0 and count != 0:
             total += math.inf if count < 0 else per * count
     return total
+
+
+def _fmt_type(t: NodeType) -> str:
+    most = "" if t.max_count < 0 else f", at most {t.max_count}"
+    return f"{t.name}: {_fmt(t.resources)}{most}"
 
 
 def _fmt(res: dict[str, float]) -> str:

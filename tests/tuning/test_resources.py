@@ -107,6 +107,9 @@ def test_fits_now(s, cluster) -> None:
     (settled(1, workers=4), GROWS, r"4 x \(1 CPU, 1 GPU\).*\(gpu_node\)$"),
     (settled(0, cpus=4), GROWS_CPU_ONLY, r"needs 4 CPU\).*\(cpu_node\)$"),
     (settled(1), GROWS_UNKNOWN, r"node types cannot be read from here"),
+    (settled(1, workers=4), Cluster(nodes=(EMPTY_HEAD, {"CPU": 2.0, "GPU": 1.0}),
+                                    autoscaler=True, node_types=GROWS.node_types),
+     r"\(gpu_node\)$"),
 ])
 def test_queued_for_the_autoscaler(s, cluster, note) -> None:
     out = check_fits(s, cluster)
@@ -122,10 +125,14 @@ def test_queued_for_the_autoscaler(s, cluster, note) -> None:
     (settled(0, cpus=8), Cluster(nodes=(CPU4, CPU4)), r"needs 8 CPU, but the Ray cluster's nodes "
                                                        r"cannot hold it \(8 CPU in all\)"),
     (settled(1, workers=2), ONE_GPU, r"needs 2 x \(1 CPU, 1 GPU\)"),
-    (settled(2), GROWS, r"needs 1 CPU, 2 GPU.*no node type its autoscaler can add fits it "
-                        r"\(gpu_node: 2 CPU, 1 GPU\)"),
-    (settled(1, workers=5), GROWS, r"5 x .*no node type its autoscaler can add"),  # max 4
-    (settled(1), GROWS_CPU_ONLY, r"\(cpu_node: 8 CPU\)"),
+    (settled(2), GROWS, r"needs 1 CPU, 2 GPU.*\(0 CPU in all\), nor can the nodes its "
+                        r"autoscaler may add \(gpu_node: 2 CPU, 1 GPU, at most 4\); lower"),
+    (settled(1, workers=5), GROWS, r"5 x .*nor can the nodes its autoscaler may add"),  # max 4
+    # the node it added already counts within gpu_node's at most 4, not on top of it
+    (settled(1, workers=5), Cluster(nodes=(EMPTY_HEAD, {"CPU": 2.0, "GPU": 1.0}),
+                                    autoscaler=True, node_types=GROWS.node_types),
+     r"needs 5 x .*\(2 CPU, 1 GPU in all\), nor can"),
+    (settled(1), GROWS_CPU_ONLY, r"\(cpu_node: 8 CPU\); lower"),
 ])
 def test_never_fits_is_refused(s, cluster, message) -> None:
     with pytest.raises(RungwiseError, match=message) as err:
