@@ -203,12 +203,14 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
         settled, cluster = _gpus(spec)
         _check_fits(spec.resources, settled, cluster)
         local = prep.result()
-    spec = spec.with_overrides(settled.overrides())
+    # trials (and the driver's evaluation) use the settled values; the parent run records
+    # the spec as written, so that it reproduces on another cluster
+    written, spec = spec, spec.with_overrides(settled.overrides())
     refs = share_data(local)
     _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
                     checkpoint_every=strategy.checkpoint_every, storage_path=str(path.parent))
-    parent = ParentRun.open(uri, spec, strategy, raw, state.get("parent_run_id"), run_tags) \
+    parent = ParentRun.open(uri, written, strategy, raw, state.get("parent_run_id"), run_tags) \
         if uri else None
     _save_state(spec, path, parent, uri)
     logger = RunLogger(uri) if uri else None
