@@ -263,9 +263,11 @@ def is_oom(exc: BaseException) -> bool:
                                            or "out of memory" in text))
 
 
-def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int) -> OutOfMemory:
+def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int,
+                gpu_share: float = 0.0, data_bytes: int = 0) -> OutOfMemory:
     """Name the likely cause: the model's size, else the batch size (``trainer.memory``'s
-    estimate, the one that is checked before a run starts)."""
+    estimate, the one that is checked before a run starts); with a share of a GPU
+    (``gpu_share``, capped per process), the share and the data's size on the card too."""
     from trainer.memory import estimate, gib
 
     hidden = list(getattr(model_spec, "hidden", []))
@@ -274,4 +276,7 @@ def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: 
              if est.weights > 2**30 else
              f"train.batch_size={train_spec.batch_size} is the likely cause")
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return OutOfMemory(f"out of memory: {where}; lower it and retry ({first})")
+    share = (f"; or raise resources.gpus_per_worker: this trial may use only {gpu_share:.0%} "
+             f"of the GPU's memory (gpus_per_worker: {gpu_share:g}) and its data takes "
+             f"{data_bytes / 2**20:.1f} MiB of it on the card" if 0 < gpu_share < 1 else "")
+    return OutOfMemory(f"out of memory: {where}; lower it and retry{share} ({first})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from tuning.fits import check_sweep_fits
 from tuning.localray import loopback_node
 from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
+from tuning.resources import Cluster, Settled, check_fits, read_cluster, settle
 from tuning.results import best_trial, evaluate_best
 from tuning.space import impute_variants, validate_space, variant_key
 from tuning.storage import StoragePath, child_of, open_storage, preflight, safe_name
@@ -108,14 +110,13 @@ def _prepare_and_open_store(spec: Any, raw: RawData, uri: str | None) -> dict[st
 
 
 def _trainable(spec: Any, shared: Shared) -> Any:
+    """``spec`` has its resources settled (see ``_gpus``): every trial reserves what it uses."""
     res = spec.resources
-    gpus = _gpus(res.gpus_per_worker)
     if res.workers_per_trial > 1:
-        shared.spec = shared.spec.with_overrides({"resources.gpus_per_worker": gpus})
         return tune.with_resources(tune.with_parameters(run_ddp_trial, shared=shared),
                                    {"CPU": DRIVER_CPU})
     return tune.with_resources(tune.with_parameters(run_trial, shared=shared),
-                               {"CPU": res.cpus_per_worker, "GPU": gpus})
+                               {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker})
 
 
 def _check_model_kinds(spec: Any, prepared: Prepared | None) -> None:
@@ -128,23 +129,19 @@ def _check_model_kinds(spec: Any, prepared: Prepared | None) -> None:
                             f"{prepared.input_shape[0]} features: use mlp")
 
 
-def _check_fits(res: Any, gpus: float) -> None:
-    """A trial larger than the whole cluster would wait forever: say so before it starts."""
-    have = ray.cluster_resources()
-    need_cpu = res.workers_per_trial * res.cpus_per_worker
-    need_gpu = res.workers_per_trial * gpus
-    if need_cpu > have.get("CPU", 0) + 1e-6 or need_gpu > have.get("GPU", 0) + 1e-6:
-        raise RungwiseError(
-            f"resources: one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
-            f"({res.workers_per_trial} workers), but the Ray cluster has "
-            f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower "
-            "resources.workers_per_trial / cpus_per_worker / gpus_per_worker")
+def _check_fits(res: Any, settled: Settled, cluster: Cluster) -> None:
+    """A trial larger than the whole cluster would wait forever: say so before it starts.
+    With an autoscaler, a trial that only a node it can add fits waits for that node."""
+    note = check_fits(settled, cluster)
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
-def _gpus(value: str | float) -> float:
-    if value != "auto":
-        return float(value)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+def _gpus(spec: Any) -> tuple[Settled, Cluster]:
+    """``resources.gpus_per_worker`` and ``train.device`` settled against this cluster, once,
+    before Tune starts (tuning/resources.py has the rules)."""
+    cluster = read_cluster()
+    return settle(spec.resources, spec.train.device, cluster), cluster
 
 
 def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: StoragePath,
@@ -218,15 +215,19 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     with ThreadPoolExecutor(1, thread_name_prefix="rungwise-prep") as pool:
         prep = pool.submit(_prepare_and_open_store, spec, raw, uri)
         init_ray(address)
-        _check_fits(spec.resources, _gpus(spec.resources.gpus_per_worker))
+        settled, cluster = _gpus(spec)
+        _check_fits(spec.resources, settled, cluster)
         preflight(path.storage)  # every node reads and writes the storage, or nothing starts
         local = prep.result()
         check_sweep_fits(spec, list(local.values()))  # memory: before any trial or run
+    # trials (and the driver's evaluation) use the settled values; the parent run records
+    # the spec as written, so that it reproduces on another cluster
+    written, spec = spec, spec.with_overrides(settled.overrides())
     refs = share_data(local)
     _check_model_kinds(spec, next(iter(local.values()), None))
     shared = Shared(spec=spec, prepared=refs, raw=ray.put(raw),
                     checkpoint_every=strategy.checkpoint_every, storage_path=str(path.parent))
-    parent = ParentRun.open(uri, spec, strategy, raw, state.get("parent_run_id"), run_tags) \
+    parent = ParentRun.open(uri, written, strategy, raw, state.get("parent_run_id"), run_tags) \
         if uri else None
     _save_state(spec, path, parent, uri)
     logger = RunLogger(uri) if uri else None

@@ -24,6 +24,7 @@ from trainer.arrays import ArrayData
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.loop import Checkpoint, DivergedError, TensorData, fit, resolve_device
 from trainer.models import explain_oom, is_oom, new_model, precision
+from tuning.resources import cap_gpu_memory
 from tuning.space import decode_config, variant_key
 
 CKPT_FILE = "checkpoint.pt"
@@ -96,21 +97,33 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     except Exception as exc:
         if is_oom(exc):
             spec, _ = trial_spec(shared, config)
-            n_inputs = int(ray.get(next(iter(shared.prepared.values()))).x_train[0].size) \
-                if shared.prepared else 0
-            raise explain_oom(exc, spec.model, spec.train, n_inputs) from None
+            arrays = ray.get(next(iter(shared.prepared.values()))) if shared.prepared else None
+            n_inputs = int(arrays.x_train[0].size) if arrays is not None else 0
+            raise explain_oom(exc, spec.model, spec.train, n_inputs,
+                              gpu_share=float(spec.resources.gpus_per_worker),
+                              data_bytes=data_bytes(arrays)) from None
         raise
+
+
+def data_bytes(arrays: ArrayData | None) -> int:
+    """What a trial's splits take on its device (features float32, as the arrays are)."""
+    if arrays is None:
+        return 0
+    return sum(int(getattr(arrays, f"{a}_{s}").nbytes) for a in "xy"
+               for s in ("train", "val", "test"))
 
 
 def _run_trial(config: dict[str, Any], shared: Shared) -> None:
     spec, overrides = trial_spec(shared, config)
     torch.set_num_threads(spec.train.threads)
+    device = resolve_device(spec.train.device)  # settled by the driver: cpu without a GPU
+    cap_gpu_memory(float(spec.resources.gpus_per_worker), device)  # before any allocation
     prepared = get_prepared(shared, spec, overrides)
     data = TensorData.from_prepared(prepared)
     net = new_model(spec.model, prepared, seed=spec.train.seed)
     best = [float("inf")]
     fault = _fault_hook(shared)
-    tag = {"precision": precision(resolve_device(spec.train.device))}
+    tag = {"precision": precision(device)}
 
     def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
         fault(int(metrics["epoch"]))
@@ -148,7 +161,7 @@ def run_ddp_trial(config: dict[str, Any], shared: Shared) -> None:
 
     spec, _ = trial_spec(shared, config)
     res = spec.resources
-    gpus = float(res.gpus_per_worker) if res.gpus_per_worker != "auto" else 0.0
+    gpus = float(res.gpus_per_worker)  # settled by the driver (tuning/resources.py)
     # the trial's own driver holds DRIVER_CPU: take it off the workers so that a trial that
     # asks for the whole machine (2 workers x 1 CPU on 2 cores) still fits
     per_worker = {"CPU": res.cpus_per_worker * (1 - DRIVER_CPU),

@@ -11,13 +11,13 @@ test_two_nodes.py (file order), since it changes the cluster's nodes.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -67,14 +67,30 @@ def test_ddp_ranks_on_two_nodes_under_asha(cluster: Cluster) -> None:
     assert reserved_groups(cluster) == 0  # no group left reserved, on either node
 
 
-def kill_node(proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL a worker node's whole process tree (raylet, its workers, the agents)."""
-    root = psutil.Process(proc.pid)
-    victims = [root, *root.children(recursive=True)]
-    for p in victims:
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant, from /proc (parent ids)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return tree
+
+
+def kill_node(proc: subprocess.Popen[bytes]) -> int:
+    """SIGKILL a worker node's whole process tree (raylet, its workers, the agents) at once."""
+    victims = process_tree(proc.pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
     proc.wait(30)
     return len(victims)
