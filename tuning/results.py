@@ -61,7 +61,9 @@ def _checkpoint_dir(result: Any) -> Any:
         if paths:
             from ray.train import Checkpoint
 
-            return Checkpoint(paths[-1])
+            # a path in the storage's file system (a bucket key has no scheme): the same
+            # file system the trial's results came from
+            return Checkpoint(paths[-1], filesystem=result.filesystem)
     raise RungwiseError("sweep: the best trial left no checkpoint to build the model from")
 
 

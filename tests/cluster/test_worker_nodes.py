@@ -52,7 +52,9 @@ def test_ddp_ranks_on_two_nodes_under_asha(cluster: Cluster) -> None:
         [sys.executable, "-m", "jobs", "tune", str(spec), "--address", cluster.address,
          "--set", f"tune.storage={cluster.bucket_uri('e')}", "--set", "tune.search=asha",
          "--set", "tune.grace_period=1", "--set", "tune.reduction_factor=2",
-         "--set", "tune.space={train.lr: {choice: [0.00001, 0.003, 0.00001, 0.00001]}}",
+         # in this order (grid): a good trial first, so ASHA's rungs stop the poor ones
+         "--set", "tune.space={train.lr: {grid: [0.003, 0.00001, 0.003, 0.00001]}}",
+         "--set", "tune.num_samples=1",
          "--set", "train.optimizer=sgd", "--set", "train.momentum=0.0",
          "--set", "resources.workers_per_trial=2", "--set", "resources.placement=spread",
          "--no-register"],
