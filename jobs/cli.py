@@ -130,8 +130,6 @@ def _quiet() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # MLflow checks a logged model in a child process that prints its type-hint advice
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
