@@ -79,6 +79,8 @@ class SweepTracker:
         self.logged_step: dict[str, int] = {}
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
+        self.dataset_input: Any = None
+        """the sweep's training data (tuning/lineage.py), logged on each child"""
         self.scheduler: Any = None
         """the live scheduler (set by the sweep): ASHA's rungs explain a stop"""
         self.mode = "min"
@@ -116,6 +118,8 @@ class SweepTracker:
                 run = c.create_run(self.exp, run_name=f"trial-{tid}", tags={
                     "mlflow.parentRunId": self.parent, TRIAL_TAG: tid, STATUS_TAG: "running"})
                 self.runs[tid] = run.info.run_id
+                if self.dataset_input is not None:
+                    c.log_inputs(self.runs[tid], datasets=[self.dataset_input])
             c.log_batch(self.runs[tid], params=params_of(params))
 
         self.logger.submit(create)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tuning.callback import SweepTracker
+from tuning.lineage import from_raw, log_training_input
 from tuning.tracking import client, experiment_id, log_params, mask_secrets, mask_uri
 
 
@@ -32,6 +33,8 @@ class ParentRun:
     experiment_id: str
     run_id: str
     spec: Any = None
+    dataset_input: Any = None
+    """the training data as an MLflow dataset input: logged here and on every child"""
 
     @classmethod
     def open(cls, uri: str, spec: Any, strategy: Any, raw: Any, run_id: str | None,
@@ -42,14 +45,15 @@ class ParentRun:
         if run_id:
             cl.update_run(run_id, status="RUNNING")
             cl.set_tag(run_id, "rungwise.resumed", "true")
-            return cls(uri, cl, exp, run_id, spec)
+            return cls(uri, cl, exp, run_id, spec, from_raw(spec.data, raw))
         run = cl.create_run(exp, run_name=f"sweep-{spec.name}", tags={
             "rungwise.kind": "sweep", "rungwise.strategy": strategy.name,
             "rungwise.strategy_reason": strategy.reason,
             "rungwise.data_fingerprint": raw.fingerprint, "rungwise.git_commit": git_commit(),
             "rungwise.budget": f"{strategy.num_samples} trials x {spec.train.epochs} epochs",
             **mask_secrets(tags or {})})
-        parent = cls(uri, cl, exp, run.info.run_id, spec)
+        parent = cls(uri, cl, exp, run.info.run_id, spec, from_raw(spec.data, raw))
+        log_training_input(cl, parent.run_id, parent.dataset_input)
         log_params(cl, parent.run_id, {**spec.flat(), "tune.search_resolved": strategy.name})
         # the whole spec, tune.space included, masked the same way as the params
         masked = mask_secrets(spec.flat())

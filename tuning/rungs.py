@@ -52,6 +52,20 @@ def rung_reached(scheduler: Any, trial_id: str, iteration: int) -> Rung | None:
     return None
 
 
+def _apart(value: Any, cutoff: float) -> tuple[str, str]:
+    """Both numbers to 4 significant digits, or as many more as it takes to tell them apart."""
+    from tuning.display import short
+
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value), short(cutoff)
+    digits = 4
+    while f"{v:.{digits}g}" == f"{cutoff:.{digits}g}" and digits < 17:
+        digits += 1
+    return f"{v:.{digits}g}", f"{cutoff:.{digits}g}"
+
+
 def stop_sentence(rung: Rung | None, metric: str, value: Any, epoch: int, mode: str) -> str:
     """One sentence for the ``rungwise.stop_reason`` tag of a trial the scheduler stopped."""
     from tuning.display import short
@@ -60,6 +74,7 @@ def stop_sentence(rung: Rung | None, metric: str, value: Any, epoch: int, mode: 
         return (f"Stopped by the scheduler after epoch {epoch} with {metric} {short(value)} "
                 "(its rung state was not readable).")
     worse = "above" if mode == "min" else "below"
+    shown, cut = _apart(value, rung.cutoff)
     return (f"Stopped at rung {rung.index} (epoch {rung.milestone:g}): {metric} "
-            f"{short(value)} was {worse} the cutoff {short(rung.cutoff)} set by the "
+            f"{shown} was {worse} the cutoff {cut} set by the "
             f"{rung.others} trial{'s' if rung.others != 1 else ''} already at that rung.")

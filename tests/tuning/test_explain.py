@@ -91,3 +91,17 @@ def test_best_spec_trains_as_it_is(sweep: dict[str, object]) -> None:
     exp = cl.get_run(result.parent_run_id).info.experiment_id
     (train,) = cl.search_runs([exp], "tags.`rungwise.kind` = 'train'")
     assert float(train.data.params["train.lr"]) == result.best_overrides["train.lr"]
+
+
+def test_parent_and_every_child_record_the_training_data(sweep: dict[str, object]) -> None:
+    uri, result = sweep["uri"], sweep["result"]
+    cl = MlflowClient(uri)
+    parent = cl.get_run(result.parent_run_id)
+    exp = parent.info.experiment_id
+    kids = cl.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    digest = parent.data.tags["rungwise.data_fingerprint"]
+    for run in [parent, *kids]:
+        (entry,) = run.inputs.dataset_inputs
+        assert entry.dataset.digest == digest
+        assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+        assert entry.dataset.source.endswith('adult-train.csv.gz"}'), entry.dataset.source

@@ -252,3 +252,21 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 1
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"mlflow models serve did not answer: {log.read_text()[-3000:]}")
+
+
+# --- lineage ---------------------------------------------------------------------------------
+
+
+def test_the_training_run_records_its_data(model: Registered) -> None:
+    """MLflow's Dataset column: source, digest (= the data fingerprint), schema, rows."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=model.uri).get_run(model.run_id)
+    (entry,) = run.inputs.dataset_inputs
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+    ds = entry.dataset
+    assert ds.digest == run.data.tags["rungwise.data_fingerprint"]
+    assert str(model.data) in ds.source and ds.name == model.data.name
+    assert json.loads(ds.profile) == {"num_rows": 1400}  # 2,000 rows, 70% train
+    cols = {c["name"]: c["type"] for c in json.loads(ds.schema)["mlflow_colspec"]}
+    assert cols["age"] == "long" and cols["workclass"] == "string"
