@@ -67,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict a CSV/Parquet with a registered model")
     _add_spec(p)
-    p.add_argument("--input", required=True, help="CSV or Parquet file of raw rows")
+    p.add_argument("--input", required=True,
+                   help="CSV (header row optional) or Parquet file of new rows; the target "
+                        "column may be absent")
     p.add_argument("--output", default=None, help="where to write (default: stdout as CSV)")
     p.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    p.add_argument("--proba", action="store_true",
+                   help="add a probability_<class> column per class (classification)")
     p.set_defaults(func=cmd_predict)
 
     _add_job_commands(sub)
@@ -120,7 +124,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from jobs.predict import predict_command
 
-    return predict_command(_load(args), args.input, args.output, args.alias)
+    return predict_command(_load(args), args.input, args.output, args.alias, proba=args.proba)
 
 
 def _quiet() -> None:
@@ -130,8 +134,6 @@ def _quiet() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # MLflow checks a logged model in a child process that prints its type-hint advice
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -232,6 +232,9 @@ def refit_challenger(spec: Any, raw: Any, uri: str, overrides: dict[str, Any]) -
     status = "FAILED"
     try:
         log_params(cl, run_id, {**rspec.flat(), **{f"best.{k}": v for k, v in overrides.items()}})
+        from tuning.lineage import from_raw, log_training_input
+
+        log_training_input(cl, run_id, from_raw(spec.data, raw))
         result = train_run(rspec.model, rspec.train, prepared,
                            on_epoch=lambda m, _c: logger.metrics(run_id, m, int(m["epoch"])))
         logger.metrics(run_id, result.test_metrics, result.fit.epochs_run)

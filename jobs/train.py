@@ -37,14 +37,16 @@ def train_command(spec: Any, tracking: bool = True) -> int:
 
 def _summary(spec: Any, result: RunResult, prepared: Any, seconds: float,
              run: tuple[str, str] | None) -> None:
+    from tuning.display import pairs, short
+
     fit = result.fit
     how = "stopped early (patience)" if fit.stopped_early else "ran all epochs"
     print(f"{spec.name}: {fit.epochs_run} epochs ({how}), best epoch {fit.best_epoch}, "
-          f"best val_loss {fit.best_val_loss:.4f}, {seconds:.1f} s")
+          f"best val_loss {short(fit.best_val_loss)}, {seconds:.1f} s")
     print(f"data: {prepared.info.get('rows_train')} train / {prepared.info.get('rows_val')} val "
           f"/ {prepared.info.get('rows_test')} test rows, "
           f"{prepared.x_train.shape[1:]} inputs")
-    print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items()))
+    print("test: " + pairs(result.test_metrics, sep="  "))
     if run is not None:
         print(f"mlflow: run {run[0]} in experiment '{spec.tracking.experiment or spec.name}' "
               f"at {run[1]}  (see it with: mlflow ui --backend-store-uri {run[1]})")

@@ -51,6 +51,7 @@ def tune_command(spec: Any, resume: bool = False, address: str | None = None,
 
 
 def print_summary(spec: Any, result: Any, top: int = 5) -> None:
+    from tuning.display import pairs, short
     from tuning.tracking import mask_secrets, mask_uri
 
     print(f"\nstrategy: {result.strategy} ({result.reason})")
@@ -60,16 +61,15 @@ def print_summary(spec: Any, result: Any, top: int = 5) -> None:
         params = [k for k in rows[0] if "." in k]
         header = ["trial", "status", "epochs", key, *params]
         table = [header] + [[str(r["trial_id"]), str(r["status"]), str(r["epochs"]),
-                             f"{r[key]:.4f}", *[str(r.get(p, "")) for p in params]]
+                             short(r[key]), *[short(r.get(p, "")) for p in params]]
                             for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         print(f"top {len(rows)} of {len(result.trials)} trials:")
         for row in table:
             print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     best = mask_secrets(result.best_overrides)  # a space may hold URIs: printed masked
-    print(f"best {spec.tune.metric}: {result.best_value:.4f} with "
-          + ", ".join(f"{k}={v}" for k, v in best.items()))
-    print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items()))
+    print(f"best {spec.tune.metric}: {short(result.best_value)} with {pairs(best)}")
+    print("test: " + pairs(result.test_metrics, sep="  "))
     if result.version:
         print(f"registered: {spec.tracking.register_as} version {result.version} "
               f"(aliases: {', '.join(result.aliases)})")

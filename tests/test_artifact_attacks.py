@@ -170,8 +170,10 @@ PYFUNC = """
     cols = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
             "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
             "hours_per_week", "native_country", "income"]
-    rows = pd.read_csv({rows!r}, header=None, names=cols, na_values=["?"]).drop(
-        columns=["income"])
+    numbers = ["age", "fnlwgt", "education_num", "capital_gain", "capital_loss",
+               "hours_per_week"]  # optional numbers are doubles in the model's signature
+    rows = pd.read_csv({rows!r}, header=None, names=cols, na_values=["?"],
+                       dtype={{c: "float64" for c in numbers}}).drop(columns=["income"])
     print("predicted", len(model.predict(rows)))
 """
 

@@ -80,6 +80,13 @@ class SweepTracker:
         self.logged_step: dict[str, int] = {}
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
+        self.dataset_input: Any = None
+        """the sweep's training data (tuning/lineage.py), logged on each child"""
+        self.scheduler: Any = None
+        """the live scheduler (set by the sweep): ASHA's rungs explain a stop"""
+        self.mode = "min"
+        self.rungs: dict[str, tuple[Any, Any, int]] = {}
+        """trial id -> (rung, metric value, epoch) of the last rung it reached"""
         self._reattach()
 
     def _reattach(self) -> None:
@@ -112,12 +119,20 @@ class SweepTracker:
                 run = c.create_run(self.exp, run_name=f"trial-{tid}", tags={
                     "mlflow.parentRunId": self.parent, TRIAL_TAG: tid, STATUS_TAG: "running"})
                 self.runs[tid] = run.info.run_id
+                if self.dataset_input is not None:
+                    c.log_inputs(self.runs[tid], datasets=[self.dataset_input])
             c.log_batch(self.runs[tid], params=params_of(params))
 
         self.logger.submit(create)
 
     def on_trial_result(self, trial: Any, result: dict[str, Any]) -> None:
         tid, epoch = trial.trial_id, int(result.get("epoch", 0) or 0)
+        if self.scheduler is not None:
+            from tuning.rungs import rung_reached
+
+            rung = rung_reached(self.scheduler, tid, epoch)
+            if rung is not None and rung.milestone == epoch:
+                self.rungs[tid] = (rung, result.get(self.metric), epoch)
         if epoch <= self.logged_step.get(tid, 0):
             return
         self.logged_step[tid] = epoch
@@ -135,11 +150,20 @@ class SweepTracker:
             value = last.get(self.metric)
             self._end(trial, "FINISHED", "stopped_by_scheduler",
                       {"rungwise.stopped_at_epoch": str(epoch),
-                       "rungwise.stopped_metric": f"{self.metric}={value}"})
+                       "rungwise.stopped_metric": f"{self.metric}={value}",
+                       "rungwise.stop_reason": self._stop_reason(trial.trial_id, value, epoch)})
         elif epoch < self.max_epochs:
             self._end(trial, "FINISHED", "early_stopped", {"rungwise.epochs": str(epoch)})
         else:
             self._end(trial, "FINISHED", "finished", {"rungwise.epochs": str(epoch)})
+
+    def _stop_reason(self, tid: str, value: Any, epoch: int) -> str:
+        from tuning.rungs import stop_sentence
+
+        rung, at_rung, rung_epoch = self.rungs.get(tid, (None, value, epoch))
+        if rung is not None and rung_epoch != epoch:  # stopped later, not by a rung
+            rung, at_rung = None, value
+        return stop_sentence(rung, self.metric, at_rung, epoch, self.mode)
 
     def _patience_ran_out(self, tid: str) -> bool:
         """Replays the trainer's early-stopping rule on the trial's val_loss curve: a trial

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tuning.callback import SweepTracker
+from tuning.lineage import from_raw, log_training_input
 from tuning.tracking import client, experiment_id, log_params, mask_secrets, mask_uri
 
 
@@ -31,6 +32,9 @@ class ParentRun:
     client: Any
     experiment_id: str
     run_id: str
+    spec: Any = None
+    dataset_input: Any = None
+    """the training data as an MLflow dataset input: logged here and on every child"""
 
     @classmethod
     def open(cls, uri: str, spec: Any, strategy: Any, raw: Any, run_id: str | None,
@@ -41,14 +45,15 @@ class ParentRun:
         if run_id:
             cl.update_run(run_id, status="RUNNING")
             cl.set_tag(run_id, "rungwise.resumed", "true")
-            return cls(uri, cl, exp, run_id)
+            return cls(uri, cl, exp, run_id, spec, from_raw(spec.data, raw))
         run = cl.create_run(exp, run_name=f"sweep-{spec.name}", tags={
             "rungwise.kind": "sweep", "rungwise.strategy": strategy.name,
             "rungwise.strategy_reason": strategy.reason,
             "rungwise.data_fingerprint": raw.fingerprint, "rungwise.git_commit": git_commit(),
             "rungwise.budget": f"{strategy.num_samples} trials x {spec.train.epochs} epochs",
             **mask_secrets(tags or {})})
-        parent = cls(uri, cl, exp, run.info.run_id)
+        parent = cls(uri, cl, exp, run.info.run_id, spec, from_raw(spec.data, raw))
+        log_training_input(cl, parent.run_id, parent.dataset_input)
         log_params(cl, parent.run_id, {**spec.flat(), "tune.search_resolved": strategy.name})
         # the whole spec, tune.space included, masked the same way as the params
         masked = mask_secrets(spec.flat())
@@ -60,12 +65,13 @@ class ParentRun:
         """trials.csv, val_curves.png, the best trial's tags and the test metrics."""
         rows = trial_rows(grid, tracker, best.trial_id)
         self.client.log_text(self.run_id, _csv(rows), "trials.csv")
-        png = _curves_png(tracker.curves, best.trial_id)
-        if png is not None:
-            with tempfile.TemporaryDirectory() as d:
-                path = Path(d) / "val_curves.png"
-                path.write_bytes(png)
-                self.client.log_artifact(self.run_id, str(path))
+        self._log_png(_curves_png(tracker.curves, best.trial_id), "val_curves.png")
+        if self.spec is not None:
+            try:  # a sweep that finished is not failed by its explanation
+                self.explain(grid, best)
+            except Exception as exc:
+                self.client.set_tag(self.run_id, "rungwise.explain_error",
+                                    f"{type(exc).__name__}: {mask_uri(str(exc))[:500]}")
         best_run = tracker.runs.get(best.trial_id)
         if best_run:
             self.client.set_tag(best_run, "rungwise.best_trial", "true")
@@ -79,6 +85,33 @@ class ParentRun:
         self.client.log_batch(self.run_id, metrics=metrics_of(summary, 0))
         log_params(self.client, self.run_id, {f"best.{k}": v for k, v in best.overrides.items()})
         return rows
+
+    def explain(self, grid: Any, best: Any) -> None:
+        """Importances, parallel coordinates and best_spec.yaml (tuning/explain.py)."""
+        from tuning import explain
+        from tuning.tracking import metrics_of
+
+        spec = self.spec
+        self.client.log_text(self.run_id, explain.best_spec_yaml(spec, best.overrides),
+                             "best_spec.yaml")
+        trials = explain.scored_trials(grid, spec.tune.metric, spec.tune.mode)
+        space = dict(spec.tune.space)
+        values = explain.importances(space, trials, spec.tune.mode)
+        if values:
+            self.client.log_batch(self.run_id, metrics=metrics_of(
+                {f"importance.{k}": v for k, v in values.items()}, 0))
+            self._log_png(explain.importance_png(values, spec.tune.metric),
+                          "param_importances.png")
+        self._log_png(explain.parallel_png(space, trials, spec.tune.metric),
+                      "parallel_coordinates.png")
+
+    def _log_png(self, png: bytes | None, name: str) -> None:
+        if png is None:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / name
+            path.write_bytes(png)
+            self.client.log_artifact(self.run_id, str(path))
 
     def end(self, exc: BaseException | None) -> None:
         if exc is None:

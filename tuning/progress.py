@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from tuning.display import pairs, short
 from tuning.space import decode_config
 
 
@@ -32,7 +33,7 @@ class ProgressCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.started.add(trial.trial_id)
-        params = ", ".join(f"{k}={v}" for k, v in decode_config(trial.config).items())
+        params = pairs(decode_config(trial.config))
         self._say(f"trial {trial.trial_id} started: {params}")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
@@ -55,7 +56,7 @@ class ProgressCallback(Callback):
             how = "diverged"
         self.ended[trial.trial_id] = how
         self._say(f"trial {trial.trial_id} {how} at epoch {last.get('epoch')}: "
-                  f"{self.metric}={last.get(self.metric)}")
+                  f"{self.metric}={short(last.get(self.metric))}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.ended[trial.trial_id] = "failed"
@@ -63,7 +64,7 @@ class ProgressCallback(Callback):
 
     def status(self, trials: list[Any]) -> str:
         running = sum(1 for t in trials if t.status == "RUNNING")
-        best = (f"best {self.metric}={self.best[0]:.4f} (trial {self.best[1]}, epoch "
+        best = (f"best {self.metric}={short(self.best[0])} (trial {self.best[1]}, epoch "
                 f"{self.best[2]})" if self.best else "no result yet")
         return f"running {running}, ended {len(self.ended)}/{self.total}; {best}"
 

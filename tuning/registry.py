@@ -14,64 +14,66 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+import trainer
 from trainer.bundle import ModelBundle
+from trainer.inputs import as_declared, conform, input_columns, is_tabular
 from tuning.errors import RungwiseError
 from tuning.secrets import mask_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def log_bundle(*args: Any, **kwargs: Any) -> str:
-    """See ``_log_bundle``; MLflow's advice about type hints is noise for this model."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return _log_bundle(*args, **kwargs)
-
-
-def _log_bundle(run_id: str, bundle: ModelBundle, example: pd.DataFrame | None,
+def log_bundle(run_id: str, bundle: ModelBundle, example: pd.DataFrame | None,
                uri: str, name: str = "model") -> str:
-    """Log the bundle as a pyfunc model (with signature and input example) to ``run_id``."""
+    """Log the bundle as a portable pyfunc model (signature, input example, the ``trainer``
+    package as its code, pinned requirements) to ``run_id``; returns the model's URI."""
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = bundle.save(Path(tmp) / "bundle")
         signature = None
-        if example is not None:
-            signature = _signature(example, bundle.predict(example))
+        if example is not None and is_tabular(bundle):
+            example = as_declared(example, input_columns(bundle, example))
+            signature = model_signature(bundle, example)
         with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={"bundle": str(path)},
                 signature=signature, input_example=example,
-                code_paths=None, pip_requirements=_requirements())
+                code_paths=[str(Path(trainer.__file__).resolve().parent)],
+                pip_requirements=requirements())
     return str(info.model_uri)
 
 
-def _signature(example: pd.DataFrame, prediction: Any) -> Any:
-    """Every input column named and optional, of any type: the model takes raw rows in which
-    an int column may arrive as floats (a missing value) and a column may be absent from
-    the data entirely; the bundle itself checks and casts. MLflow's inferred schema would
-    refuse int64 -> float64 and missing optional values."""
-    from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+def model_signature(bundle: ModelBundle, example: pd.DataFrame) -> Any:
+    """Typed columns, optional exactly where the imputer can fill them (``trainer.inputs``);
+    MLflow's own schema enforcement then refuses a word in a numeric column, naming it."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    inputs = Schema([ColSpec(AnyType(), str(c), required=False) for c in example.columns])
-    outputs = infer_signature(example, prediction).outputs
+    columns = input_columns(bundle, example)
+    inputs = Schema([ColSpec(DataType[c.type], c.name, required=c.required) for c in columns])
+    prediction = np.asarray(bundle.predict(conform(bundle, example)))
+    outputs = Schema([TensorSpec(prediction.dtype, (-1,))])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
+    """What loading and predicting import (the model's code is ``trainer/``, logged with it):
+    scikit-learn because ``trainer.impute`` / ``trainer.encode`` subclass its BaseEstimator;
+    pyarrow because pandas keeps the text columns' dtype in it."""
+    import pyarrow
     import sklearn
     import torch
 
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"pandas=={pd.__version__}", f"scikit-learn=={sklearn.__version__}",
-            f"numpy=={np.__version__}", "rungwise"]
+            f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+            f"pyarrow=={pyarrow.__version__}", f"scikit-learn=={sklearn.__version__}"]
 
 
 def register(uri: str, model_uri: str, name: str, run_id: str) -> tuple[str, list[str]]:
     """Register a new version; alias it ``challenger``, and ``champion`` if there is none."""
+    mlflow.set_tracking_uri(uri)  # MLflow's registry looks a models:/m-... source up globally
     cl = mlflow.tracking.MlflowClient(tracking_uri=uri)
     try:
         cl.get_registered_model(name)

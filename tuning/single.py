@@ -6,6 +6,7 @@ from typing import Any
 
 from trainer.run import RunResult, train_run
 from tuning import registry
+from tuning.lineage import from_prepared, log_training_input
 from tuning.tracking import (
     RunLogger,
     check_reachable,
@@ -30,6 +31,7 @@ def tracked_run(spec: Any, prepared: Any) -> tuple[RunResult, str, str]:
     status = "FAILED"
     try:
         log_params(cl, run_id, spec.flat())
+        log_training_input(cl, run_id, from_prepared(spec.data, prepared))
         result = train_run(spec.model, spec.train, prepared,
                            on_epoch=lambda m, _c: logger.metrics(run_id, m, int(m["epoch"])))
         logger.metrics(run_id, {**result.test_metrics, "best_epoch": result.fit.best_epoch},

@@ -234,6 +234,9 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     tracker = SweepTracker(logger, parent.experiment_id, parent.run_id, spec.tune.metric,
                            spec.train.epochs, spec.train.early_stopping) \
         if logger and parent else None
+    if tracker is not None:  # ASHA's rungs explain the trials it stops (tuning/rungs.py)
+        tracker.scheduler, tracker.mode = strategy.scheduler, spec.tune.mode
+        tracker.dataset_input = parent.dataset_input if parent else None
     progress = ProgressCallback(spec, strategy, quiet=quiet)
     # Tune's default loggers write each result three times per trial (JSON, CSV and a
     # TensorBoard event file, with a writer thread per trial) from the driver, whose CPU

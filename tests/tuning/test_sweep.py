@@ -86,6 +86,7 @@ def test_registered_model_predicts_raw_rows_with_missing_values(ray_session, tmp
                       names=spec.data.columns, skipinitialspace=True, na_values="?")
     rows = raw.drop(columns=["income"])
     rows = pd.concat([rows[rows.isna().any(axis=1)].head(50), rows.head(200)])
+    rows = rows.astype({c: "float64" for c in rows.select_dtypes("number")})  # signature: double
     assert rows.isna().any(axis=1).sum() >= 50
     pred = np.asarray(model.predict(rows))
     assert len(pred) == len(rows)
