@@ -27,6 +27,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     for mod, name in (("trainer.data", "DataError"),
                       ("trainer.impute", "MissingAtPredictionError"),
                       ("trainer.loop", "DivergedError"),
+                      ("trainer.loop", "DeviceError"),
                       ("trainer.models", "ModelError"),
                       ("trainer.models", "OutOfMemory"),
                       ("trainer.preprocessor_state", "PreprocessorFormatError"),

@@ -49,9 +49,9 @@ from trainer.models import (
     use_bf16,
 )
 
-__all__ = ["DivergedError", "FitResult", "TensorData", "TrainConfig", "evaluate", "fit",
-           "make_optimizer", "make_scheduler", "predict", "predict_proba", "resolve_device",
-           "train_step"]
+__all__ = ["DeviceError", "DivergedError", "FitResult", "TensorData", "TrainConfig", "evaluate",
+           "fit", "make_optimizer", "make_scheduler", "predict", "predict_proba",
+           "resolve_device", "train_step"]
 
 Checkpoint = Callable[[], dict[str, Any]]
 """Makes the checkpoint of the epoch just finished; call it inside ``on_epoch`` or not at all."""
@@ -61,6 +61,10 @@ _SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 class DivergedError(RuntimeError):
     """The loss became nan or inf; the one-line message names ``train.lr``."""
+
+
+class DeviceError(ValueError):
+    """``train.device`` names a device this machine does not have (a user error: exit 2)."""
 
 
 @dataclass
@@ -377,8 +381,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: cuda, but torch.cuda.is_available() is False here; "
-                         "use auto or cpu")
+        raise DeviceError("train.device: cuda, but torch.cuda.is_available() is False here; "
+                          "use auto or cpu")
     return torch.device(name)
 
 

@@ -432,3 +432,25 @@ def test_a_space_key_that_does_not_exist_is_refused_on_load_in_every_command(
             "early_stopping, epochs, gamma, grad_clip, lr, lr_schedule, momentum, optimizer, "
             "seed, step_size, threads, weight_decay"], command
         assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_device_this_machine_lacks_is_a_user_error(tmp_path: Path) -> None:
+    """`--set train.device=cuda` on a machine without CUDA: exit 2 and one line, not exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: train.device=cuda is valid here")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs", "train", str(root / "examples" / "adult.yaml"),
+         "--set", "train.device=cuda", "--set", "train.epochs=1", "--no-tracking"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "rungwise: error: train.device: cuda, but torch.cuda.is_available() is False here; "
+        "use auto or cpu"]
