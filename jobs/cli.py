@@ -12,30 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from trainer.errors import RungwiseError, UserError
+
 EXIT_USAGE = 2
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from jobs.spec import SpecError
-
-    types: list[type[BaseException]] = [UserError, SpecError]
-    # an error class whose module was never imported cannot have been raised
-    for mod, name in (("trainer.data", "DataError"),
-                      ("trainer.impute", "MissingAtPredictionError"),
-                      ("trainer.loop", "DivergedError"),
-                      ("trainer.loop", "DeviceError"),
-                      ("trainer.models", "ModelError"),
-                      ("trainer.models", "OutOfMemory"),
-                      ("trainer.preprocessor_state", "PreprocessorFormatError"),
-                      ("tuning.errors", "RungwiseError")):
-        module = sys.modules.get(mod)
-        if module is not None and hasattr(module, name):
-            types.append(getattr(module, name))
-    return tuple(types)
+__all__ = ["EXIT_USAGE", "RungwiseError", "UserError", "main"]
 
 
 def _add_spec(p: argparse.ArgumentParser) -> None:
@@ -158,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rungwise: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if debug or not isinstance(exc, _user_error_types()):
+        if debug or not isinstance(exc, RungwiseError):
             if debug:
                 raise
             print(f"rungwise: error: {type(exc).__name__}: {_one_line(exc)} "

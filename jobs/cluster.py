@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from jobs.cli import UserError
+from trainer.errors import UserError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

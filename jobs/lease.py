@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.errors import RungwiseError
 from tuning.storage import StoragePath
 
 TTL_ENV = "RUNGWISE_LEASE_TTL_S"
@@ -31,7 +32,7 @@ SETTLE_S = 1.0
 POLL_S = 2.0
 
 
-class LeaseHeld(Exception):
+class LeaseHeld(RungwiseError):
     """Someone else holds the lease; ``holder`` is what its file says."""
 
     def __init__(self, holder: dict[str, Any]) -> None:

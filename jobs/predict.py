@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.cli import UserError
+from trainer.errors import UserError
 
 
 def read_rows(spec: Any, path: str, features: list[str]) -> tuple[pd.DataFrame, int]:

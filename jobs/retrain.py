@@ -125,8 +125,8 @@ def lock_path(spec: Any) -> StoragePath:
 @contextmanager
 def retrain_lock(spec: Any, wait: bool = False) -> Iterator[StoragePath]:
     """Hold the retrain lease of ``spec`` (see jobs/lease.py); without ``wait``, fail at once."""
-    from jobs.cli import UserError
     from jobs.lease import LeaseHeld, acquire, describe
+    from trainer.errors import UserError
 
     path = lock_path(spec)
     try:
@@ -311,7 +311,7 @@ def promote(cl: Any, name: str, version: str) -> None:
 def retrain(spec: Any, *, wait: bool = False, address: str | None = None,
             quiet: bool = False) -> RetrainResult:
     """Lock, validate the data, train a challenger, gate it, promote it if it earned it."""
-    from jobs.cli import UserError
+    from trainer.errors import UserError
 
     name = spec.tracking.register_as
     if not name:

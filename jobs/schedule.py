@@ -38,7 +38,7 @@ def now_local() -> datetime:
 
 
 def parse_moment(text: str) -> datetime:
-    from jobs.cli import UserError
+    from trainer.errors import UserError
 
     try:
         moment = datetime.fromisoformat(text)
@@ -49,7 +49,7 @@ def parse_moment(text: str) -> datetime:
 
 
 def require_cron(spec: Any, spec_path: str) -> str:
-    from jobs.cli import UserError
+    from trainer.errors import UserError
 
     if not spec.schedule.cron:
         raise UserError(f"schedule.cron: not set in {spec_path}; add e.g. "

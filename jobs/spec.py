@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.errors import RungwiseError
+
 MAX_SPEC_BYTES = 1_000_000
 MAX_SPEC_DEPTH = 32
 # Upper bounds on sizes that no machine runs (what fits a given cluster is checked before a
@@ -24,7 +26,7 @@ MAX_LAYERS = 64
 MAX_LAYER_SIZE = 2**20
 
 
-class SpecError(ValueError):
+class SpecError(RungwiseError):
     """A job spec that cannot be used; the message is one line naming the key path."""
 
 

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from jobs.cli import UserError
 from jobs.cluster import Cluster, check_transport, connect, resolve_address
 from jobs.upload import Upload, collect, excludes_for, project_root, write_zip
+from trainer.errors import UserError
 
 if TYPE_CHECKING:
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.cli import UserError
+from trainer.errors import UserError
 
 if TYPE_CHECKING:
     from pathspec import GitIgnoreSpec

@@ -121,3 +121,48 @@ def test_a_trial_worker_imports_neither_scikit_learn_nor_mlflow(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"type": "ArrayData", "rows": len(prepared.x_train), "heavy": []}
+
+
+# --- one error hierarchy (issue #13) ----------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_module_imports_the_cli() -> None:
+    """User errors live at the bottom (trainer/errors.py); the CLI is imported by no one."""
+    allowed = {ROOT / "jobs" / "__main__.py", ROOT / "jobs" / "cli.py"}
+    hits = [str(p.relative_to(ROOT)) for package in ("trainer", "tuning", "jobs")
+            for p in sorted((ROOT / package).rglob("*.py"))
+            if p not in allowed and "jobs.cli" in _imports(p)]
+    assert hits == []
+
+
+def test_every_error_class_is_a_rungwise_error() -> None:
+    """Each exception class the packages define is a RungwiseError (exit 2, one line), so the
+    CLI needs no list of them; `_`-prefixed ones are internal and never reach a person."""
+    import importlib
+    import inspect
+
+    from trainer.errors import RungwiseError
+
+    outside = []
+    for package in ("trainer", "tuning", "jobs"):
+        for name in modules_of(package):
+            if name.endswith("__main__"):
+                continue
+            module = importlib.import_module(name)
+            for attr, obj in vars(module).items():
+                if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                        and obj.__module__ == name and not attr.startswith("_")
+                        and not issubclass(obj, RungwiseError)):
+                    outside.append(f"{name}.{attr}")
+    assert outside == []

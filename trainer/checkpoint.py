@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from trainer.errors import RungwiseError
+
 PLAIN = (int, float, str, bool, type(None), torch.Tensor, torch.dtype, torch.device)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RungwiseError):
     """A checkpoint that cannot be written or read safely; the message is one line."""
 
 

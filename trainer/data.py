@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.errors import RungwiseError
+
 MAX_CATEGORIES = 1000
 MAX_FEATURES = 10_000
 """Feature columns of a table, checked from its header before it is read. 10,000 columns of
@@ -24,7 +26,7 @@ and an MLP's first layer of 128 units on them is 1.3 M weights; 100,000 took pya
 7.6 GiB only to read. Wider data is images (.npz) or needs ``data.features``."""
 
 
-class DataError(ValueError):
+class DataError(RungwiseError):
     """Data that cannot be trained on; the message is one line."""
 
 

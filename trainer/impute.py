@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from trainer.errors import RungwiseError
 from trainer.model_impute import ChainImputer, fit_chain
 
 NUMERIC_STRATEGIES = ("mean", "median", "mode", "constant", "model", "drop_rows")
@@ -29,7 +30,7 @@ _ALTERNATIVES = {
 }
 
 
-class MissingAtPredictionError(ValueError):
+class MissingAtPredictionError(RungwiseError):
     """Rows reached ``transform`` with missing values in a ``drop_rows`` column.
 
     ``drop_rows`` can only discard training rows; at prediction time a row cannot be dropped

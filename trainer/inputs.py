@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.errors import RungwiseError
+
 
 @dataclass(frozen=True)
 class InputColumn:
@@ -32,7 +34,7 @@ class InputColumn:
     required: bool
 
 
-class InputError(ValueError):
+class InputError(RungwiseError):
     """A prediction input the model cannot take; names the column (and the row if one)."""
 
     def __init__(self, message: str, column: str, position: int | None = None,

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.arrays import Shapes
 from trainer.checkpoint import copy_tensors, make_checkpoint, restore_checkpoint
+from trainer.errors import RungwiseError
 from trainer.metrics import LossFn, evaluate, loss_function
 from trainer.models import (
     autocast_context,
@@ -59,11 +60,11 @@ OnEpoch = Callable[[dict[str, Any], Checkpoint | None], None]
 _SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
-class DivergedError(RuntimeError):
+class DivergedError(RungwiseError, RuntimeError):
     """The loss became nan or inf; the one-line message names ``train.lr``."""
 
 
-class DeviceError(ValueError):
+class DeviceError(RungwiseError):
     """``train.device`` names a device this machine does not have (a user error: exit 2)."""
 
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.errors import RungwiseError
+
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "sign")
 KINDS = ("mlp", "cnn")
 POOLS = ("max", "avg", "none")
@@ -93,7 +95,7 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: layer sizes must be >= 1, got {sizes}")
 
 
-class ModelError(ValueError):
+class ModelError(RungwiseError):
     """A model section that does not fit the data; the one-line message names the spec key."""
 
 
@@ -252,7 +254,7 @@ def new_model(model_spec: Any, data: Any, seed: int) -> torch.nn.Module:
     return build_model(model_spec, data.input_shape, data.n_outputs, seed=seed)
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(RungwiseError, RuntimeError):
     """A model or batch that does not fit in memory; the one-line message says which."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from trainer.encode import Preprocessor, TabularEncoder, TargetEncoder
+from trainer.errors import RungwiseError
 from trainer.impute import Imputer
 from trainer.model_impute import ChainImputer
 
@@ -27,7 +28,7 @@ _NUMERIC_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
                    "uint64", "float16", "float32", "float64"}
 
 
-class PreprocessorFormatError(ValueError):
+class PreprocessorFormatError(RungwiseError):
     """The saved preprocessing is not one rungwise wrote (or an older, unsafe format)."""
 
 

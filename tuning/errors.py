@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from trainer.errors import RungwiseError
 
-class RungwiseError(ValueError):
-    """A one-line, user-facing error from the tuning layer."""
+__all__ = ["RungwiseError", "TrackingError"]
 
 
 class TrackingError(RungwiseError):
