@@ -41,6 +41,7 @@ from tests.jobs.test_submit import (
 )
 
 VENV_BIN = Path(sys.executable).parent
+GATE_PLUGIN = ROOT / "tests" / "reliability" / "gate"
 BUCKET = "rungwise-test"
 WORKER_CPUS = 2
 
@@ -57,6 +58,11 @@ class Cluster:
     """Visible to the head and the driver only: the worker node sees an empty tmpfs here."""
     s3_endpoint: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def gate(self) -> Path:
+        """Create this folder to hold every trial after the first (see the gate plugin)."""
+        return self.temp_dir / "gate"
 
     def bucket_uri(self, prefix: str) -> str:
         return f"s3://{BUCKET}/{prefix}"
@@ -124,7 +130,11 @@ def _start_worker(cluster: Cluster, name: str, cpus: int) -> subprocess.Popen[by
     script = (f"mount -t tmpfs tmpfs {cluster.work} && exec "
               + " ".join(f"'{a}'" for a in ray_cmd))
     log = cluster.temp_dir / f"{name}.log"
-    return subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=cluster.env,
+    # the worker's trials load the test gate plugin (tests/reliability/gate), armed by a test
+    # that creates cluster.gate (outside work/, so the worker node sees it)
+    env = {**cluster.env, "PYTHONPATH": f"{GATE_PLUGIN}{os.pathsep}{ROOT}",
+           "RUNGWISE_TEST_GATE": str(cluster.gate)}
+    return subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=env,
                             cwd=cluster.temp_dir, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def test_driver_killed_then_resumed_from_the_bucket(cluster: Cluster) -> None:
     spec = write_spec(folder, uri, epochs=4, concurrent=1)
     storage = f"tune.storage={cluster.bucket_uri('c')}"
     log = folder / "killed.log"
+    cluster.gate.mkdir()  # trials after the first wait: the kill comes while the sweep runs
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "jobs", "tune", str(spec), "--address",
                                  cluster.address, "--set", storage], cwd=folder,
@@ -183,6 +185,7 @@ def test_driver_killed_then_resumed_from_the_bucket(cluster: Cluster) -> None:
         finally:
             os.kill(proc.pid, signal.SIGKILL)  # no handler runs: runs stay RUNNING
             proc.wait(30)
+            shutil.rmtree(cluster.gate)  # disarmed: the resumed trials go ahead
     assert any(r.info.status == "RUNNING" for r in runs(uri))
     state = json.loads(cluster.s3().open_input_stream(  # type: ignore[attr-defined]
         f"{BUCKET}/c/{NAME}/rungwise-sweep.json").read())

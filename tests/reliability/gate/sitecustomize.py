@@ -1,8 +1,9 @@
 """Test plugin, loaded only by processes whose PYTHONPATH starts with this folder.
 
 With ``RUNGWISE_TEST_GATE=DIR`` set, ``trainer.loop.fit`` is wrapped as soon as that module is
-imported (a trial worker imports it when the trial starts): the first call goes ahead, every
-later call waits until ``DIR/go`` exists. A sweep with one trial at a time then cannot end
+imported (a trial worker imports it when the trial starts). While the folder DIR exists (the
+gate is armed), the first call goes ahead and every later call waits until ``DIR/go`` exists;
+without the folder every call goes ahead. A sweep with one trial at a time then cannot end
 before the test has done what it waits to do (send a signal), however fast or loaded the
 machine is. Nothing of this is in the product.
 """
@@ -34,7 +35,7 @@ def _wrap(module: object) -> None:
     fit = module.fit  # type: ignore[attr-defined]
 
     def gated_fit(*args: object, **kwargs: object) -> object:
-        if _arrival(folder) > 0:
+        if folder.is_dir() and _arrival(folder) > 0:  # no folder: the gate is not armed
             while not (folder / "go").exists():
                 time.sleep(0.1)
         return fit(*args, **kwargs)
