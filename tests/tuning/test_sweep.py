@@ -129,6 +129,7 @@ def test_mlflow_server_http_path(ray_session, tmp_path, monkeypatch, mlflow_serv
     model = mlflow.pyfunc.load_model("models:/http@champion")
     raw = pd.read_csv(DATA / "adult" / "adult-test.csv.gz", header=None,
                       names=spec.data.columns, skipinitialspace=True, na_values="?").head(20)
+    raw = raw.astype({c: "float64" for c in raw.select_dtypes("number")})  # signature: double
     assert len(model.predict(raw.drop(columns=["income"]))) == 20
 
 
