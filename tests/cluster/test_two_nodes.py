@@ -197,7 +197,9 @@ def test_driver_killed_then_resumed_from_the_bucket(cluster: Cluster) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     kids = children(uri)
     assert len(kids) == NUM_SAMPLES, [(r.info.run_name, r.info.status) for r in kids]
-    assert {r.info.status for r in kids} == {"FINISHED"}
+    assert {r.info.status for r in kids} == {"FINISHED"}, (
+        [(r.info.run_name, r.info.status, r.data.tags.get("rungwise.error")) for r in kids],
+        out.stderr[-3000:])
     assert [r.info.status for r in runs(uri) if not r.data.tags.get("mlflow.parentRunId")] \
         == ["FINISHED"]
     assert len(checkpointed_trials(bucket_files(cluster, f"c/{NAME}"))) == NUM_SAMPLES

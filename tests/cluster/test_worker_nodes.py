@@ -144,7 +144,8 @@ def test_a_lost_worker_node_and_a_fresh_one_joining(cluster: Cluster) -> None:
                 proc.kill()
     assert proc.returncode == 0, log.read_text()[-5000:]
     kids = children(uri)
-    assert len(kids) == NUM_SAMPLES, [(k.info.run_name, k.info.status) for k in kids]
+    assert len(kids) == NUM_SAMPLES, ([(k.info.run_name, k.info.status) for k in kids],
+                                      log.read_text()[-4000:])
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert [r for r in runs(uri) if r.info.status == "RUNNING"] == []
     for kid in kids:  # every epoch once: the restarted trials went on from their checkpoint
