@@ -115,7 +115,7 @@ def wait_for_epochs(proc: subprocess.Popen[str], uri: str, log: Path, epochs: in
             done = []
         if done and max(done) >= epochs:
             return
-        time.sleep(1)
+        time.sleep(2)  # the driver writes the same SQLite store: do not crowd it
     raise AssertionError(f"no trial reached epoch {epochs} in time")
 
 
