@@ -93,5 +93,7 @@ def test_a_ddp_sweep_opens_only_torchs_rendezvous_store_on_every_interface(
     wide = {s for s in seen if not s.ip.startswith("127.")}
     ports = {(s.pid, s.port) for s in wide}
     assert len(ports) == 1, _table(wide)
-    assert all(s.process.startswith("ray::RayTrainWorker") and s.proto.startswith("tcp")
+    # the same rank-0 process, named by the task it runs when the socket is seen
+    rank0 = ("ray::RayTrainWorker", "ray::execute._setup_torch_process_group")
+    assert all(s.process.startswith(rank0) and s.proto.startswith("tcp")
                and s.all_interfaces for s in wide), _table(wide)
