@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,9 @@ import pytest
 from tests.conftest import ROOT
 from tests.jobs.test_submit import (
     _free_ports,
-    _pids_under,
-    _signal,
     _wait_job_server,
     _worker_ports,
+    stop_processes,
 )
 
 VENV_BIN = Path(sys.executable).parent
@@ -196,20 +194,7 @@ def _start_head(temp_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[b
     return proc, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]], temp_dir: Path) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    _signal(_pids_under(temp_dir), signal.SIGTERM)
-    deadline = time.time() + 10
-    while _pids_under(temp_dir) and time.time() < deadline:
-        time.sleep(0.5)
-    _signal(_pids_under(temp_dir), signal.SIGKILL)
+stop_all = stop_processes  # the cluster's processes, then whatever runs from its temp dir
 
 
 @dataclass

@@ -220,11 +220,19 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: Path) -> None:
     if proc.poll() is not None:  # shown with a failing test: who took the head down?
         print(f"the test head exited early ({proc.returncode}):\n"
               f"{(temp_dir / 'ray-start.log').read_text()[-3000:]}")
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_processes([proc], temp_dir)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], temp_dir: Path) -> None:
+    """SIGTERM ``procs`` (SIGKILL after 30 s), then whatever still runs from ``temp_dir``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     _signal(_pids_under(temp_dir), signal.SIGTERM)
     deadline = time.time() + 10
     while _pids_under(temp_dir) and time.time() < deadline:
