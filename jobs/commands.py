@@ -1,4 +1,4 @@
-"""Subcommands beyond inspect/train/tune/predict: submit and jobs (and, later, retrain, schedule).
+"""The cluster subcommands: ``submit`` (a spec as a Ray job) and ``jobs`` (list/status/logs/stop).
 
 ``jobs.cli.build_parser`` calls :func:`add_parsers`; each ``_add_*`` registers one subcommand
 and its handler. Handlers import their heavy modules (ray) when they run.
@@ -24,8 +24,6 @@ def add_parsers(sub: Any, add_spec: AddSpec) -> None:
     """Register the extra subcommands on the CLI's subparsers."""
     _add_submit(sub, add_spec)
     _add_jobs(sub)
-    # --- retrain, schedule: their _add_* calls go here (jobs/retrain_cli.py, which cli.py
-    # also loads, works as well) ---------------------------------------------------------
 
 
 # --- submit ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md: ``trainer`` runs without Ray and MLflow and knows nothing of
+"""The layering (README "Layout"): ``trainer`` runs without Ray and MLflow and knows nothing of
 ``tuning`` or ``jobs``; ``tuning`` knows nothing of ``jobs``."""
 
 from __future__ import annotations
