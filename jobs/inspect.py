@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs.spec import JobSpec
 
-def inspect_spec(spec: Any) -> str:
+
+def inspect_spec(spec: JobSpec) -> str:
     # imported here: `rungwise inspect` reports a bad spec before pandas and sklearn load
     from trainer.pipeline import make_imputer, split_data
 

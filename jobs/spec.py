@@ -62,7 +62,7 @@ MAX_SPEC_DEPTH = 32
 class ScheduleSpec(StrictSection):
     cron: str | None = None
     retrain: Literal["sweep", "refit"] = "sweep"
-    promote_if_better_by: float = Field(0.0, ge=0)
+    promote_if_better_by: float = Field(default=0.0, ge=0)
 
     @field_validator("cron")
     @classmethod

@@ -70,8 +70,8 @@ class StrictSection(BaseModel):
 
 
 class SplitSpec(StrictSection):
-    val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
+    val: float = Field(default=0.15, gt=0, lt=1)
+    test: float = Field(default=0.15, gt=0, lt=1)
     seed: int = 0
     stratify: bool = True
 
@@ -107,7 +107,7 @@ class DataSpec(StrictSection):
 class ImputeSpec(StrictSection):
     numeric: NumericStrategy = "median"
     categorical: CategoricalStrategy = "category"
-    drop_columns_above: float | None = Field(None, gt=0, le=1)
+    drop_columns_above: float | None = Field(default=None, gt=0, le=1)
     indicator: bool = False
     fill_value: float | str | None = None
 
@@ -116,10 +116,10 @@ class ModelSpec(StrictSection):
     kind: ModelKind = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
     activation: Activation = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     channels: list[int] = Field(default_factory=lambda: [16, 32])
     """CNN only: output channels of each conv block (conv -> activation -> pool)."""
-    kernel_size: int = Field(3, ge=1, le=15)
+    kernel_size: int = Field(default=3, ge=1, le=15)
     pool: Pool = "max"
 
     @field_validator("hidden", "channels")
@@ -139,25 +139,25 @@ def _brief(v: list[int]) -> str:
 
 
 class EarlyStoppingSpec(StrictSection):
-    patience: int = Field(5, ge=1)
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
 
 
 class TrainSpec(StrictSection):
-    epochs: int = Field(30, ge=1, le=100_000)
-    batch_size: int = Field(256, ge=1, le=2**24)
+    epochs: int = Field(default=30, ge=1, le=100_000)
+    batch_size: int = Field(default=256, ge=1, le=2**24)
     optimizer: Optimizer = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: LrSchedule = "none"
-    step_size: int = Field(10, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
-    grad_clip: float | None = Field(None, gt=0)
+    step_size: int = Field(default=10, ge=1)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    grad_clip: float | None = Field(default=None, gt=0)
     early_stopping: EarlyStoppingSpec | None = None
     seed: int = 0
     device: Device = "auto"
-    threads: int = Field(1, ge=1, le=1024)
+    threads: int = Field(default=1, ge=1, le=1024)
     """torch intra-op threads per trial; 1 is fastest when trials share the cores."""
     deterministic: bool = False
     """Deterministic kernels (cuDNN, cuBLAS, torch's deterministic algorithms): reproducible

@@ -33,23 +33,24 @@ Placement = Literal["pack", "spread", "strict_pack", "strict_spread"]
 
 SEARCHES: tuple[Search, ...] = get_args(Search)
 METRICS: tuple[Metric, ...] = get_args(Metric)
-METRIC_MODES: dict[Metric, Mode] = {"val_loss": "min", "val_accuracy": "max", "val_rmse": "min",
-                                    "train_loss": "min"}
+METRIC_MODES: dict[str, Mode] = {"val_loss": "min", "val_accuracy": "max", "val_rmse": "min",
+                                "train_loss": "min"}
+"""The direction of each of ``METRICS``: a ``tune.mode`` left out is the metric's."""
 DIMENSION_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 
 
 class TuneSpec(StrictSection):
     search: Search = "asha"
-    num_samples: int = Field(8, ge=1, le=100_000)
-    max_concurrent: int = Field(2, ge=1, le=10_000)
+    num_samples: int = Field(default=8, ge=1, le=100_000)
+    max_concurrent: int = Field(default=2, ge=1, le=10_000)
     metric: Metric = "val_loss"
-    mode: Mode | None = None
-    """Default: the metric's (``METRIC_MODES``); never None after validation."""
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(3, ge=2)
-    max_failures: int = Field(0, ge=0)
-    time_budget_s: float | None = Field(None, gt=0)
-    storage: str | None = Field(None, min_length=1)
+    mode: Mode = "min"
+    """Default: the metric's (``METRIC_MODES``)."""
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+    max_failures: int = Field(default=0, ge=0)
+    time_budget_s: float | None = Field(default=None, gt=0)
+    storage: str | None = Field(default=None, min_length=1)
     """Where trials' checkpoints, Tune's state and rungwise's own state go: a path every node
     sees (NFS) or a URI (s3://, gs://, ...); default RUNGWISE_STORAGE, else ./rungwise-runs."""
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -71,11 +72,15 @@ class TuneSpec(StrictSection):
                              "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY on every node")
         return v
 
-    @model_validator(mode="after")
-    def _mode(self) -> TuneSpec:
-        if self.mode is None:
-            self.__dict__["mode"] = METRIC_MODES[self.metric]
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _mode(cls, data: Any) -> Any:
+        """A missing or null ``mode`` is the metric's (an unknown metric is refused anyway)."""
+        if isinstance(data, dict) and data.get("mode") is None:
+            metric = data.get("metric", "val_loss")
+            data = {**data, "mode": METRIC_MODES.get(metric, "min") if isinstance(metric, str)
+                    else "min"}
+        return data
 
 
 def _check_dimension(path: str, dim: Any) -> None:
@@ -107,9 +112,9 @@ def _check_dimension(path: str, dim: Any) -> None:
 
 
 class ResourcesSpec(StrictSection):
-    workers_per_trial: int = Field(1, ge=1, le=1024)
+    workers_per_trial: int = Field(default=1, ge=1, le=1024)
     gpus_per_worker: Literal["auto"] | float = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=1024)
     placement: Placement = "pack"
     """Where a multi-worker trial's workers go (Ray's placement-group strategies): pack them
     on few nodes (fast collectives), or spread them over nodes (more memory, survives less

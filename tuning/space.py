@@ -12,6 +12,7 @@ import itertools
 import json
 from typing import Any
 
+from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 
 JSON_PREFIX = "json:"
@@ -69,7 +70,7 @@ def candidate_values(dim: dict[str, Any]) -> list[Any]:
     return [args[0], args[1]]
 
 
-def validate_space(spec: Any) -> None:
+def validate_space(spec: SweepSpec) -> None:
     """Apply every candidate value of every dimension to the spec; errors name the path."""
     for path, dim in spec.tune.space.items():
         if path.startswith(("tune.", "tracking.", "schedule.", "resources.", "name")):
@@ -83,11 +84,11 @@ def validate_space(spec: Any) -> None:
                                     f"spec: {exc}") from None
 
 
-def impute_keys(spec: Any) -> list[str]:
+def impute_keys(spec: SweepSpec) -> list[str]:
     return [p for p in spec.tune.space if p.startswith("impute.")]
 
 
-def impute_variants(spec: Any) -> list[dict[str, Any]] | None:
+def impute_variants(spec: SweepSpec) -> list[dict[str, Any]] | None:
     """Every distinct imputation choice the space can produce, or None if not enumerable."""
     keys = impute_keys(spec)
     if not keys:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainer.arrays import ArrayData
+from trainer.config import ModelSpec, TrainSpec
 from trainer.models import explain_oom
 from tuning.errors import RungwiseError
 from tuning.resources import (
@@ -174,7 +175,7 @@ def test_oom_message_names_the_share_and_the_data_on_the_card() -> None:
     size = data_bytes(arrays)
     assert size == 3 * (1024 * 256 * 4 + 1024 * 8)
     exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    model, train = SimpleNamespace(hidden=[64]), SimpleNamespace(batch_size=512)
+    model, train = ModelSpec(hidden=[64]), TrainSpec(batch_size=512)
     msg = str(explain_oom(exc, model, train, 256, gpu_share=0.25, data_bytes=size))
     assert msg == ("out of memory: train.batch_size=512 is the likely cause; lower it and retry; "
                    "or raise resources.gpus_per_worker: this trial may use only 25% of the "
