@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 from trainer.arrays import ArrayData
 from trainer.config import ModelSpec, TrainSpec
 from trainer.models import explain_oom
+from tuning.config import ResourcesSpec
 from tuning.errors import RungwiseError
 from tuning.resources import (
     Cluster,
@@ -39,8 +39,8 @@ GROWS_CPU_ONLY = Cluster(nodes=(EMPTY_HEAD,), autoscaler=True,
 GROWS_UNKNOWN = Cluster(nodes=(EMPTY_HEAD,), autoscaler=True, node_types=None)
 
 
-def res(gpus: str | float = "auto", workers: int = 1, cpus: float = 1.0) -> SimpleNamespace:
-    return SimpleNamespace(gpus_per_worker=gpus, workers_per_trial=workers, cpus_per_worker=cpus)
+def res(gpus: str | float = "auto", workers: int = 1, cpus: float = 1.0) -> ResourcesSpec:
+    return ResourcesSpec(gpus_per_worker=gpus, workers_per_trial=workers, cpus_per_worker=cpus)
 
 
 @pytest.mark.parametrize(("gpus", "workers", "device", "cluster", "want_gpus", "want_device"), [
