@@ -11,10 +11,9 @@ restart a tiny network by hand.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
+from trainer.config import ModelSpec, TrainSpec
 from trainer.loop import FitResult, TensorData, evaluate, fit, predict, predict_proba
 from trainer.models import build_model
 
@@ -28,9 +27,9 @@ def xor_data() -> TensorData:
 
 
 def train_xor(hidden: list[int], seed: int = 0, epochs: int = 300) -> FitResult:
-    model = SimpleNamespace(kind="mlp", hidden=hidden, activation="tanh", dropout=0.0)
-    train = SimpleNamespace(epochs=epochs, batch_size=4, optimizer="adam", lr=0.05,
-                            weight_decay=0.0, seed=seed, device="cpu", threads=1)
+    model = ModelSpec(kind="mlp", hidden=hidden, activation="tanh", dropout=0.0)
+    train = TrainSpec(epochs=epochs, batch_size=4, optimizer="adam", lr=0.05,
+                     weight_decay=0.0, seed=seed, device="cpu", threads=1)
     data = xor_data()
     return fit(build_model(model, data.input_shape, data.n_outputs, seed), data, train)
 

@@ -6,10 +6,15 @@ its kind, how much of it is missing in the training split, and the planned actio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from jobs.spec import JobSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
-def inspect_spec(spec: Any) -> str:
+def inspect_spec(spec: JobSpec) -> str:
     # imported here: `rungwise inspect` reports a bad spec before pandas and sklearn load
     from trainer.pipeline import make_imputer, split_data
 
@@ -42,7 +47,7 @@ def inspect_spec(spec: Any) -> str:
     return "\n".join(lines)
 
 
-def _table(plan: list[dict[str, Any]], train: Any) -> str:
+def _table(plan: list[dict[str, Any]], train: pd.DataFrame) -> str:
     header = ("column", "kind", "distinct", "missing(train)", "action")
     rows = [header]
     for row in plan:

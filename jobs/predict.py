@@ -16,15 +16,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 
+from jobs.spec import JobSpec
 from trainer.errors import UserError
 
 
-def read_rows(spec: Any, path: str, features: list[str]) -> tuple[pd.DataFrame, int]:
+def read_rows(spec: JobSpec, path: str, features: list[str]) -> tuple[pd.DataFrame, int]:
     """The rows of ``path`` read like the training data (delimiter, na_values), and how many
     lines precede the first row (1 with a header row, else 0; 0 for Parquet)."""
     from trainer.data import detect_format, read_table
@@ -35,15 +35,16 @@ def read_rows(spec: Any, path: str, features: list[str]) -> tuple[pd.DataFrame, 
     if fmt == "npz":
         raise UserError(f"--input: {path} is images (.npz); rungwise predict reads tables "
                         "(CSV or Parquet)")
-    data = {**spec.data.model_dump(), "path": path, "format": fmt, "features": features}
+    data = spec.data.model_copy(update={"path": path, "format": fmt, "features": features,
+                                        "columns": None})
     if fmt == "parquet":
-        return read_table(SimpleNamespace(**{**data, "columns": None})), 0
+        return read_table(data), 0
     first = _first_fields(path, spec.data.delimiter)
     known = set(spec.data.columns or []) | set(features) | {spec.data.target}
     if first and all(f.strip() in known for f in first):
-        return read_table(SimpleNamespace(**{**data, "columns": None})), 1
+        return read_table(data), 1
     names = _names_without_header(spec, path, len(first), features)
-    return read_table(SimpleNamespace(**{**data, "columns": names})), 0
+    return read_table(data.model_copy(update={"columns": names})), 0
 
 
 def _first_fields(path: str, delimiter: str) -> list[str]:
@@ -57,7 +58,7 @@ def _first_fields(path: str, delimiter: str) -> list[str]:
     return next(csv.reader([line], delimiter=delimiter), [])
 
 
-def _names_without_header(spec: Any, path: str, n: int, features: list[str]) -> list[str]:
+def _names_without_header(spec: JobSpec, path: str, n: int, features: list[str]) -> list[str]:
     columns, target = list(spec.data.columns or []), spec.data.target
     if columns and n == len(columns):
         return columns
@@ -73,7 +74,7 @@ def _names_without_header(spec: Any, path: str, n: int, features: list[str]) -> 
                     "or a header row that names the columns")
 
 
-def predict_command(spec: Any, input_path: str, output: str | None, alias: str,
+def predict_command(spec: JobSpec, input_path: str, output: str | None, alias: str,
                     proba: bool = False) -> int:
     from tuning import registry
     from tuning.tracking import resolve_tracking_uri

@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jobs.spec import JobSpec
+
 MAX_NAP_S = 60.0
 """Sleep in naps of at most this long, so a changed clock (suspend, NTP) is noticed."""
 
@@ -48,7 +50,7 @@ def parse_moment(text: str) -> datetime:
     return moment if moment.tzinfo else moment.astimezone()  # naive: local time
 
 
-def require_cron(spec: Any, spec_path: str) -> str:
+def require_cron(spec: JobSpec, spec_path: str) -> str:
     from trainer.errors import UserError
 
     if not spec.schedule.cron:
@@ -125,7 +127,7 @@ def run_schedule(cron: str, argv: list[str], *, max_runs: int | None = None,
     return done
 
 
-def schedule_command(spec: Any, spec_path: str, overrides: list[str], *, dry_run: bool,
+def schedule_command(spec: JobSpec, spec_path: str, overrides: list[str], *, dry_run: bool,
                      count: int, once_at: str | None, max_runs: int | None) -> int:
     cron = require_cron(spec, spec_path)
     if once_at is not None:

@@ -1,245 +1,68 @@
-"""The job spec: one pydantic model, the single source of truth for every component.
+"""The job spec: ``JobSpec`` composes the typed sections of the layers below and adds the
+schedule; this module reads YAML into it and turns validation errors into one line.
 
-Each component takes its own section (``spec.data``, ``spec.train`` ...). Unknown keys,
-wrong types and out-of-range values are errors that name the key path, the value received
-and what is allowed. YAML is read with a safe loader that refuses aliases (no YAML bombs)
-and any tag that would construct Python objects.
+The sections live with their users: data, impute, model and train in trainer/config.py; tune,
+resources, tracking and ``SweepSpec`` (all of the spec but the schedule) in tuning/config.py.
+Their names are re-exported here. Unknown keys, wrong types and out-of-range values are errors
+that name the key path, the value received and what is allowed. YAML is read with a safe
+loader that refuses aliases (no YAML bombs) and any tag that would construct Python objects.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from trainer.errors import RungwiseError
+from trainer.config import (
+    MAX_LAYER_SIZE,
+    MAX_LAYERS,
+    Activation,
+    CategoricalStrategy,
+    DataSpec,
+    EarlyStoppingSpec,
+    EntryError,
+    ImputeSpec,
+    ModelSpec,
+    NumericStrategy,
+    SpecError,
+    SplitSpec,
+    StrictSection,
+    TrainSpec,
+)
+from tuning.config import (
+    DIMENSION_KINDS,
+    METRIC_MODES,
+    SEARCHES,
+    ResourcesSpec,
+    SweepSpec,
+    TrackingSpec,
+    TuneSpec,
+    flatten,
+    set_path,
+)
 
+__all__ = [
+    "DIMENSION_KINDS", "MAX_LAYERS", "MAX_LAYER_SIZE", "MAX_SPEC_BYTES", "MAX_SPEC_DEPTH",
+    "METRIC_MODES", "SEARCHES", "Activation", "CategoricalStrategy", "DataSpec",
+    "EarlyStoppingSpec", "ImputeSpec", "JobSpec", "ModelSpec", "NumericStrategy",
+    "ResourcesSpec", "ScheduleSpec", "SpecError", "SplitSpec", "SweepSpec", "TrackingSpec",
+    "TrainSpec", "TuneSpec", "flatten", "load_spec", "parse_overrides", "resolve_data_path",
+    "set_path", "set_path_raw", "validate_spec",
+]
+
+_Model = TypeVar("_Model", bound=BaseModel)
 MAX_SPEC_BYTES = 1_000_000
 MAX_SPEC_DEPTH = 32
-# Upper bounds on sizes that no machine runs (what fits a given cluster is checked before a
-# run starts, from the data's shape: trainer/memory.py).
-MAX_LAYERS = 64
-MAX_LAYER_SIZE = 2**20
 
 
-class SpecError(RungwiseError):
-    """A job spec that cannot be used; the message is one line naming the key path."""
-
-
-class _EntryError(ValueError):
-    """A validator's error about one entry of a mapping; the message starts with its key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SplitSpec(_Strict):
-    val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
-    seed: int = 0
-    stratify: bool = True
-
-    @model_validator(mode="after")
-    def _fractions(self) -> SplitSpec:
-        if self.val + self.test >= 0.9:
-            raise ValueError(f"val + test must be below 0.9, got {self.val + self.test:g}")
-        return self
-
-
-class DataSpec(_Strict):
-    path: str
-    """CSV, Parquet or .npz (images); relative paths are resolved against the spec's folder."""
-    target: str = "y"
-    task: Literal["classification", "regression"] = "classification"
-    format: Literal["auto", "csv", "parquet", "npz"] = "auto"
-    features: list[str] | None = None
-    categorical: list[str] | None = None
-    columns: list[str] | None = None
-    """Column names for a CSV without a header row."""
-    delimiter: str = ","
-    na_values: list[str] = Field(default_factory=list)
-    split: SplitSpec = Field(default_factory=SplitSpec)
-
-    @field_validator("delimiter")
-    @classmethod
-    def _one_char(cls, v: str) -> str:
-        if len(v) != 1:
-            raise ValueError(f"must be one character, got {v!r}")
-        return v
-
-
-NumericStrategy = Literal["mean", "median", "mode", "constant", "model", "drop_rows"]
-CategoricalStrategy = Literal["mode", "constant", "category", "drop_rows"]
-
-
-class ImputeSpec(_Strict):
-    numeric: NumericStrategy = "median"
-    categorical: CategoricalStrategy = "category"
-    drop_columns_above: float | None = Field(None, gt=0, le=1)
-    indicator: bool = False
-    fill_value: float | str | None = None
-
-
-Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "softplus", "sign"]
-
-
-class ModelSpec(_Strict):
-    kind: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128, 64])
-    activation: Activation = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1)
-    channels: list[int] = Field(default_factory=lambda: [16, 32])
-    """CNN only: output channels of each conv block (conv -> activation -> pool)."""
-    kernel_size: int = Field(3, ge=1, le=15)
-    pool: Literal["max", "avg", "none"] = "max"
-
-    @field_validator("hidden", "channels")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        bad = [x for x in v if x < 1]
-        if bad:
-            raise ValueError(f"layer sizes must be >= 1, got {v}")
-        if len(v) > MAX_LAYERS or max(v, default=0) > MAX_LAYER_SIZE:
-            raise ValueError(f"at most {MAX_LAYERS} layers of at most {MAX_LAYER_SIZE:,} "
-                             f"units each, got {_brief(v)}")
-        return v
-
-
-def _brief(v: list[int]) -> str:
-    return str(v) if len(v) <= 8 else f"[{', '.join(map(str, v[:8]))}, ...] ({len(v)} layers)"
-
-
-class EarlyStoppingSpec(_Strict):
-    patience: int = Field(5, ge=1)
-    min_delta: float = Field(0.0, ge=0)
-
-
-class TrainSpec(_Strict):
-    epochs: int = Field(30, ge=1, le=100_000)
-    batch_size: int = Field(256, ge=1, le=2**24)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["none", "cosine", "step"] = "none"
-    step_size: int = Field(10, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
-    grad_clip: float | None = Field(None, gt=0)
-    early_stopping: EarlyStoppingSpec | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=1, le=1024)
-    """torch intra-op threads per trial; 1 is fastest when trials share the cores."""
-    deterministic: bool = False
-    """Deterministic kernels (cuDNN, cuBLAS, torch's deterministic algorithms): reproducible
-    GPU runs, at some speed."""
-
-
-SEARCHES = ("grid", "random", "bayes", "asha", "hyperband", "bohb", "median", "pbt", "auto")
-DIMENSION_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
-METRIC_MODES = {"val_loss": "min", "val_accuracy": "max", "val_rmse": "min", "train_loss": "min"}
-
-
-class TuneSpec(_Strict):
-    search: Literal["grid", "random", "bayes", "asha", "hyperband", "bohb", "median", "pbt",
-                    "auto"] = "asha"
-    num_samples: int = Field(8, ge=1, le=100_000)
-    max_concurrent: int = Field(2, ge=1, le=10_000)
-    metric: Literal["val_loss", "val_accuracy", "val_rmse", "train_loss"] = "val_loss"
-    mode: Literal["min", "max"] | None = None
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(3, ge=2)
-    max_failures: int = Field(0, ge=0)
-    time_budget_s: float | None = Field(None, gt=0)
-    storage: str | None = Field(None, min_length=1)
-    """Where trials' checkpoints, Tune's state and rungwise's own state go: a path every node
-    sees (NFS) or a URI (s3://, gs://, ...); default RUNGWISE_STORAGE, else ./rungwise-runs."""
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("space")
-    @classmethod
-    def _dimensions(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for path, dim in space.items():
-            _check_dimension(path, dim)
-        return space
-
-    @field_validator("storage")
-    @classmethod
-    def _storage(cls, v: str | None) -> str | None:
-        query = (v or "").partition("?")[2].lower()
-        if "secret_key" in query or "session_token" in query:
-            raise ValueError("credentials do not belong in the URI (it is logged to MLflow); "
-                             "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY on every node")
-        return v
-
-    @model_validator(mode="after")
-    def _mode(self) -> TuneSpec:
-        if self.mode is None:
-            self.__dict__["mode"] = METRIC_MODES[self.metric]
-        return self
-
-
-def _check_dimension(path: str, dim: Any) -> None:
-    where = f"{path}"
-    if not isinstance(dim, dict) or len(dim) != 1:
-        raise _EntryError(f"{where}: a dimension is one of {{{', '.join(DIMENSION_KINDS)}}}: "
-                         f"[...], got {dim!r}")
-    kind, args = next(iter(dim.items()))
-    if kind not in DIMENSION_KINDS:
-        raise _EntryError(f"{where}: unknown dimension kind {kind!r}, allowed: "
-                         f"{', '.join(DIMENSION_KINDS)}")
-    if not isinstance(args, list) or not args:
-        raise _EntryError(f"{where}: {kind} takes a non-empty list, got {args!r}")
-    if kind in ("choice", "grid"):
-        return
-    want = 3 if kind == "quniform" else 2
-    nums = [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
-    if len(args) != want or len(nums) != want or not all(math.isfinite(a) for a in nums):
-        raise _EntryError(f"{where}: {kind} takes {want} numbers, got {args!r}")
-    low, high = args[0], args[1]
-    if low >= high:
-        raise _EntryError(f"{where}: {kind} bounds must be increasing, got {args!r}")
-    if kind == "loguniform" and low <= 0:
-        raise _EntryError(f"{where}: loguniform bounds must be positive, got {args!r}")
-    if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise _EntryError(f"{where}: randint bounds must be integers, got {args!r}")
-    if kind == "quniform" and args[2] <= 0:
-        raise _EntryError(f"{where}: quniform step must be positive, got {args!r}")
-
-
-class ResourcesSpec(_Strict):
-    workers_per_trial: int = Field(1, ge=1, le=1024)
-    gpus_per_worker: Literal["auto"] | float = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
-    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
-    """Where a multi-worker trial's workers go (Ray's placement-group strategies): pack them
-    on few nodes (fast collectives), or spread them over nodes (more memory, survives less
-    contention)."""
-
-    @field_validator("gpus_per_worker")
-    @classmethod
-    def _gpus(cls, v: str | float) -> str | float:
-        if not isinstance(v, str) and (v < 0 or (v > 1 and v != int(v))):
-            raise ValueError(f"must be 'auto', a fraction in [0, 1] or a whole number, got {v}")
-        return v
-
-
-class TrackingSpec(_Strict):
-    uri: str | None = None
-    register_as: str | None = None
-    experiment: str | None = None
-    """MLflow experiment; default: the spec's name."""
-
-
-class ScheduleSpec(_Strict):
+class ScheduleSpec(StrictSection):
     cron: str | None = None
     retrain: Literal["sweep", "refit"] = "sweep"
-    promote_if_better_by: float = Field(0.0, ge=0)
+    promote_if_better_by: float = Field(default=0.0, ge=0)
 
     @field_validator("cron")
     @classmethod
@@ -253,71 +76,14 @@ class ScheduleSpec(_Strict):
         return v
 
 
-class JobSpec(_Strict):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
-    data: DataSpec
-    impute: ImputeSpec = Field(default_factory=ImputeSpec)
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    tune: TuneSpec = Field(default_factory=TuneSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+class JobSpec(SweepSpec):
+    """The whole spec: what a sweep needs (``SweepSpec``) and the retraining schedule."""
 
-    @model_validator(mode="after")
-    def _consistent(self) -> JobSpec:
-        if self.tune.metric == "val_accuracy" and self.data.task == "regression":
-            raise ValueError("tune.metric: val_accuracy needs data.task: classification; "
-                             "use val_loss or val_rmse")
-        if self.tune.metric == "val_rmse" and self.data.task == "classification":
-            raise ValueError("tune.metric: val_rmse needs data.task: regression; "
-                             "use val_loss or val_accuracy")
-        return self
+    schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec())
 
-    # --- helpers used by tuning/ and jobs/ without importing this module ---------------
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    def with_overrides(self, overrides: dict[str, Any]) -> JobSpec:
-        """A new validated spec with dotted-path overrides (``{"train.lr": 0.01}``)."""
-        raw = self.to_dict()
-        for path, value in overrides.items():
-            set_path(raw, path, value)
-        return validate_spec(raw, base_dir=None)
-
-    def flat(self) -> dict[str, Any]:
-        """The spec as ``{"train.lr": 0.001, ...}`` (lists kept as values), for params."""
-        return flatten(self.to_dict())
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key != "space":
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict; every part but the last must already be a section."""
-    parts = path.split(".")
-    node: Any = raw
-    unset = False  # an optional section that is null: its keys are checked by validation
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-            if isinstance(node, dict) and part in node and node[part] is None:
-                node[part], unset = {}, True
-            else:
-                raise SpecError(f"{'.'.join(parts[:i + 1])}: no such section in the spec "
-                                f"(setting {path})")
-        node = node[part]
-    if parts[-1] not in node and not unset:
-        allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
-        raise SpecError(f"{path}: no such key in the spec; allowed here: {allowed}")
-    node[parts[-1]] = value
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> Self:
+        return _validated(cls, raw)
 
 
 # --- loading --------------------------------------------------------------------------
@@ -329,7 +95,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
             raise SpecError(f"YAML aliases (*{event.anchor}) are not allowed in a job spec "
@@ -369,7 +135,7 @@ def _format_error(err: dict[str, Any], raw: Any) -> str:
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
     cause = (err.get("ctx") or {}).get("error")
-    if isinstance(cause, _EntryError):  # "train.lr: ..." about an entry of the mapping at loc
+    if isinstance(cause, EntryError):  # "train.lr: ..." about an entry of the mapping at loc
         return f"{loc}.{cause}" if loc else str(cause)
     if not loc:
         return msg
@@ -421,17 +187,21 @@ def validate_spec(raw: Any, base_dir: Path | None) -> JobSpec:
     """Validate a parsed spec; the first error becomes a one-line SpecError."""
     if not isinstance(raw, dict):
         raise SpecError(f"a job spec is a mapping of sections, got {type(raw).__name__}")
-    raw = copy.deepcopy(raw)
-    try:
-        spec = JobSpec.model_validate(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-        first = _format_error(errors[0], raw)
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SpecError(first + more) from None
+    spec = _validated(JobSpec, copy.deepcopy(raw))
     if base_dir is not None:
         spec.data.path = resolve_data_path(spec.data.path, base_dir)
     return spec
+
+
+def _validated(model: type[_Model], raw: dict[str, Any]) -> _Model:
+    """``model`` validated from ``raw``; the first error becomes a one-line SpecError."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _format_error(dict(errors[0]), raw)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SpecError(first + more) from None
 
 
 def resolve_data_path(path: str, base_dir: Path) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from jobs.spec import JobSpec
 from trainer.memory import check_fits, machine_memory
 from trainer.models import explain_oom, is_oom, new_model
 from trainer.pipeline import load_and_prepare
 from trainer.run import RunResult, train_run
 
 
-def train_command(spec: Any, tracking: bool = True) -> int:
+def train_command(spec: JobSpec, tracking: bool = True) -> int:
     t0 = time.perf_counter()
     prepared = load_and_prepare(spec.data, spec.impute)
     available = machine_memory()
@@ -35,7 +36,7 @@ def train_command(spec: Any, tracking: bool = True) -> int:
     return 0
 
 
-def _summary(spec: Any, result: RunResult, prepared: Any, seconds: float,
+def _summary(spec: JobSpec, result: RunResult, prepared: Any, seconds: float,
              run: tuple[str, str] | None) -> None:
     from tuning.display import pairs, short
 

@@ -7,6 +7,8 @@ import sys
 import threading
 from typing import Any
 
+from jobs.spec import JobSpec
+
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     """Do what Ctrl-C does now: inside ``Tuner.fit`` Tune's SIGINT handler stops the trials
@@ -31,7 +33,7 @@ def _sigterm_as_interrupt() -> None:
     _install_sigterm()
 
 
-def tune_command(spec: Any, resume: bool = False, address: str | None = None,
+def tune_command(spec: JobSpec, resume: bool = False, address: str | None = None,
                  register: bool = True, tracking: bool = True) -> int:
     from tuning.sweep import run_sweep
 
@@ -50,7 +52,7 @@ def tune_command(spec: Any, resume: bool = False, address: str | None = None,
     return 0
 
 
-def print_summary(spec: Any, result: Any, top: int = 5) -> None:
+def print_summary(spec: JobSpec, result: Any, top: int = 5) -> None:
     from tuning.display import pairs, short
     from tuning.tracking import mask_secrets, mask_uri
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import pandas as pd
 import torch
 
 from trainer import preprocessor_state
+from trainer.config import ModelSpec
 from trainer.loop import predict, predict_proba
 from trainer.models import build_model
 
@@ -41,7 +41,7 @@ class ModelBundle:
     @property
     def network(self) -> torch.nn.Module:
         if self._net is None:
-            net = build_model(SimpleNamespace(**self.model_spec), tuple(self.input_shape),
+            net = build_model(ModelSpec.model_validate(self.model_spec), tuple(self.input_shape),
                               self.n_outputs, seed=0)
             net.load_state_dict(self.state_dict)
             self._net = net.eval()

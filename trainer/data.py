@@ -1,7 +1,8 @@
 """Reading a table (CSV / Parquet via pyarrow) or images (.npz), its schema, and the split.
 
-Takes the ``data`` section of the job spec (any object with its attributes); no Ray, no
-MLflow. Every error is a ``DataError`` whose one-line message names the spec key.
+Takes the ``data`` section of the job spec (``trainer.config.DataSpec``; the split, its
+``SplitSpec``); no Ray, no MLflow. Every error is a ``DataError`` whose one-line message
+names the spec key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.config import DataSpec, SplitSpec
 from trainer.errors import RungwiseError
 
 MAX_CATEGORIES = 1000
@@ -91,12 +93,12 @@ def _source(path: str, seekable: bool = False) -> Any:
         fs.open_input_stream(fs_path, compression="detect")
 
 
-def read_table(data: Any) -> pd.DataFrame:
+def read_table(data: DataSpec) -> pd.DataFrame:
     """Read the table named by ``data.path`` with pyarrow; ``na_values`` become missing."""
     path = str(data.path)
     _check_exists(path)
     fmt = detect_format(path, data.format)
-    if not getattr(data, "features", None):  # every column but the target: before reading
+    if not data.features:  # every column but the target: before reading
         check_width(_count_columns(path, fmt, data) - 1, data)
     try:
         if fmt == "parquet":
@@ -116,7 +118,7 @@ def read_table(data: Any) -> pd.DataFrame:
     return _clean(df, list(data.na_values), path)
 
 
-def _count_columns(path: str, fmt: str, data: Any) -> int:
+def _count_columns(path: str, fmt: str, data: DataSpec) -> int:
     """Columns of the table from its header (CSV) or footer (Parquet) alone: reading 100,000
     columns of 200 rows took pyarrow 160 s and 7.6 GiB here, only to be refused after.
     Unreadable files count as 0: the read that follows says what is wrong with them."""
@@ -125,7 +127,7 @@ def _count_columns(path: str, fmt: str, data: Any) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if getattr(data, "columns", None):
+    if data.columns:
         return len(data.columns)
     try:
         if fmt == "parquet":
@@ -140,7 +142,7 @@ def _count_columns(path: str, fmt: str, data: Any) -> int:
         return 0
 
 
-def _read_csv(path: str, data: Any) -> pd.DataFrame:
+def _read_csv(path: str, data: DataSpec) -> pd.DataFrame:
     names = list(data.columns) if data.columns else None
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise DataError(f"data.path: {path} is empty")
@@ -193,7 +195,7 @@ def _clean(df: pd.DataFrame, na_values: list[str], path: str = "") -> pd.DataFra
     return df
 
 
-def infer_schema(df: pd.DataFrame, data: Any) -> Schema:
+def infer_schema(df: pd.DataFrame, data: DataSpec) -> Schema:
     """Target, features and their kinds; raises DataError naming the spec key."""
     if len(df) == 0 or len(df.columns) == 0:
         raise DataError(f"data.path: {data.path} has no rows")
@@ -233,7 +235,7 @@ def infer_schema(df: pd.DataFrame, data: Any) -> Schema:
     return schema
 
 
-def check_width(n_features: int, data: Any) -> None:
+def check_width(n_features: int, data: DataSpec) -> None:
     if n_features > MAX_FEATURES:
         raise DataError(f"data.path: {data.path} has {n_features:,} feature columns; the limit "
                         f"is {MAX_FEATURES:,}: list the ones to use in data.features")
@@ -282,7 +284,7 @@ def select(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return out
 
 
-def split(df: pd.DataFrame, schema: Schema, spec: Any) -> Splits:
+def split(df: pd.DataFrame, schema: Schema, spec: SplitSpec) -> Splits:
     """Seeded train/val/test split, stratified on the target for classification."""
     from sklearn.model_selection import train_test_split  # slow import; only needed here
 
@@ -312,7 +314,7 @@ def fingerprint(df: pd.DataFrame) -> str:
     return hashlib.sha256(h.tobytes() + cols).hexdigest()[:16]
 
 
-def read_images(data: Any) -> ImageSet:
+def read_images(data: DataSpec) -> ImageSet:
     """Read ``x`` (N, H, W) or (N, C, H, W) and ``y`` from an .npz file."""
     path = str(data.path)
     _check_exists(path)

@@ -15,9 +15,8 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from trainer.config import TASKS
 from trainer.impute import Imputer
-
-TASKS = ("classification", "regression")
 
 
 def _require(obj: object, attr: str) -> None:
@@ -116,7 +115,7 @@ class TargetEncoder(BaseEstimator):
         y = _series(y)
         if y.isna().any():
             raise ValueError(f"target: {int(y.isna().sum())} missing values; drop them first")
-        self.task_ = task
+        self.task_: str = task
         if task == "classification":
             self.classes_ = pd.Index(y.unique()).sort_values().to_numpy()
             self.output_dim_ = len(self.classes_)

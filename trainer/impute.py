@@ -17,16 +17,15 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from trainer.config import CATEGORICAL_STRATEGIES, NUMERIC_STRATEGIES
 from trainer.errors import RungwiseError
 from trainer.model_impute import ChainImputer, fit_chain
 
-NUMERIC_STRATEGIES = ("mean", "median", "mode", "constant", "model", "drop_rows")
-CATEGORICAL_STRATEGIES = ("mode", "constant", "category", "drop_rows")
 MISSING = "__missing__"
 INDICATOR_SUFFIX = "__missing"
-_ALTERNATIVES = {
-    "numeric": "mean/median/mode/constant/model",
-    "categorical": "mode/constant/category",
+_ALTERNATIVES = {  # the strategies that fill, for a row that cannot be dropped
+    "numeric": "/".join(s for s in NUMERIC_STRATEGIES if s != "drop_rows"),
+    "categorical": "/".join(s for s in CATEGORICAL_STRATEGIES if s != "drop_rows"),
 }
 
 
@@ -42,9 +41,10 @@ class MissingAtPredictionError(RungwiseError):
 class Imputer(BaseEstimator):
     """Fill missing values with statistics learned from the training rows only.
 
-    Parameters (stored as given; checked in ``fit`` so that a bad spec fails with its key path):
-    ``numeric`` in mean | median | mode | constant | model | drop_rows; ``categorical`` in
-    mode | constant | category | drop_rows; ``drop_columns_above`` a fraction in (0, 1] or None;
+    Parameters (stored as given; checked in ``fit`` so that a bad spec fails with its key path,
+    against the choices of the spec's ``impute`` section, ``trainer.config.ImputeSpec``):
+    ``numeric`` in ``NUMERIC_STRATEGIES``; ``categorical`` in ``CATEGORICAL_STRATEGIES``;
+    ``drop_columns_above`` a fraction in (0, 1] or None;
     ``indicator`` adds float32 ``<col>__missing`` flags; ``fill_value`` for ``constant``
     (numeric default 0, categorical default ``"__missing__"``, else ``str(fill_value)``).
 

@@ -6,7 +6,7 @@ each one to a callback; side effects belong to the caller) -> ``evaluate`` / ``p
 
 Mini-batches are shuffled index slices of tensors that already live on the device; a
 ``DataLoader`` would fetch rows one by one, 10-100x slower for tables. ``fit`` takes the
-spec's ``train`` section duck-typed and never imports Ray or MLflow.
+spec's ``train`` section (``trainer.config.TrainSpec``) and never imports Ray or MLflow.
 
 Distributed data parallel: when ``torch.distributed`` is initialised, the caller wraps the
 model in ``DistributedDataParallel`` (as Ray Train's ``prepare_model`` does) and calls
@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.arrays import Shapes
 from trainer.checkpoint import copy_tensors, make_checkpoint, restore_checkpoint
+from trainer.config import TASKS, EarlyStoppingSpec, TrainSpec
 from trainer.errors import RungwiseError
 from trainer.metrics import LossFn, evaluate, loss_function
 from trainer.models import (
@@ -50,7 +51,7 @@ from trainer.models import (
     use_bf16,
 )
 
-__all__ = ["DeviceError", "DivergedError", "FitResult", "TensorData", "TrainConfig", "evaluate",
+__all__ = ["DeviceError", "DivergedError", "FitResult", "TensorData", "evaluate",
            "fit", "make_optimizer", "make_scheduler", "predict", "predict_proba",
            "resolve_device", "train_step"]
 
@@ -86,9 +87,9 @@ class TensorData(Shapes):
     """Regression: original target = standardised * y_scale + y_mean."""
 
     def __post_init__(self) -> None:
-        if self.task not in ("classification", "regression"):
+        if self.task not in TASKS:
             raise ValueError(f"data.task: unknown task {self.task!r}; "
-                             "allowed: classification, regression")
+                             f"allowed: {', '.join(TASKS)}")
         if self.task == "classification" and self.n_classes < 2:
             raise ValueError(f"data.target: classification needs >= 2 classes, "
                              f"got {self.n_classes}")
@@ -124,45 +125,6 @@ class TensorData(Shapes):
 
     def to(self, device: torch.device | str) -> TensorData:
         return replace(self, **{name: getattr(self, name).to(device) for name in _SPLITS})
-
-
-@dataclass(kw_only=True, slots=True)
-class TrainConfig:
-    """The ``train`` section of the job spec, read attribute by attribute (same defaults)."""
-
-    epochs: int = 30
-    batch_size: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "none"
-    step_size: int = 10
-    gamma: float = 0.1
-    grad_clip: float | None = None
-    early_stopping: Any = None
-    """None, or an object with ``patience`` and ``min_delta``."""
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 1
-    deterministic: bool = False
-
-    @classmethod
-    def from_spec(cls, train: Any) -> TrainConfig:
-        defaults = cls()
-        return cls(**{f.name: getattr(train, f.name, getattr(defaults, f.name))
-                      for f in fields(cls)})
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("optimizer", ("sgd", "adam", "adamw")),
-                             ("lr_schedule", ("none", "cosine", "step")),
-                             ("device", ("auto", "cpu", "cuda"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"train.{key}: unknown value {getattr(self, key)!r}; "
-                                 f"allowed: {', '.join(allowed)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"train.epochs and train.batch_size must be >= 1, "
-                             f"got {self.epochs} and {self.batch_size}")
 
 
 @dataclass
@@ -209,7 +171,7 @@ def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn: Lo
     return loss.detach()
 
 
-def fit(model: nn.Module, data: TensorData, train: Any, on_epoch: OnEpoch | None = None,
+def fit(model: nn.Module, data: TensorData, train: TrainSpec, on_epoch: OnEpoch | None = None,
         checkpoint: dict[str, Any] | None = None, checkpoint_every: int = 1) -> FitResult:
     """Train ``model`` on ``data.*_train``, validating on ``data.*_val`` after each epoch.
 
@@ -221,24 +183,23 @@ def fit(model: nn.Module, data: TensorData, train: Any, on_epoch: OnEpoch | None
     ``checkpoint`` to resume exactly where it was taken.
     Early stopping watches val_loss; the best epoch's weights are restored at the end.
     """
-    cfg = TrainConfig.from_spec(train)
-    if torch.get_num_threads() != cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
+    if torch.get_num_threads() != train.threads:
+        torch.set_num_threads(train.threads)
+    if train.deterministic:
         set_deterministic()
     rank, world = _rank_world(model)
     wrapped = isinstance(model, DistributedDataParallel)
-    device = param_device(model) if wrapped else resolve_device(cfg.device)
+    device = param_device(model) if wrapped else resolve_device(train.device)
     model.to(device)
     data = data.to(device)
     cuda = [torch.cuda.current_device() if device.index is None else device.index] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # dropout draws from a seeded, private RNG
-        torch.manual_seed(cfg.seed + rank)
-        return _fit(model, data, cfg, on_epoch, checkpoint, checkpoint_every, rank, world)
+        torch.manual_seed(train.seed + rank)
+        return _fit(model, data, train, on_epoch, checkpoint, checkpoint_every, rank, world)
 
 
-def _fit(model: nn.Module, data: TensorData, cfg: TrainConfig, on_epoch: OnEpoch | None,
+def _fit(model: nn.Module, data: TensorData, cfg: TrainSpec, on_epoch: OnEpoch | None,
          checkpoint: dict[str, Any] | None, checkpoint_every: int, rank: int,
          world: int) -> FitResult:
     net, device = unwrap(model), data.x_train.device
@@ -317,7 +278,7 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def _train_epoch(model: nn.Module, data: TensorData, order: torch.Tensor, cfg: TrainConfig,
+def _train_epoch(model: nn.Module, data: TensorData, order: torch.Tensor, cfg: TrainSpec,
                  opt: torch.optim.Optimizer, loss_fn: LossFn, autocast: bool) -> float:
     """One pass over ``order``; the mean loss weighted by batch size (over all ranks)."""
     model.train()
@@ -348,9 +309,10 @@ def _check_finite(loss: float, epoch: int, lr: float) -> None:
                             "lower train.lr or set train.grad_clip")
 
 
-def _update_best(state: _State, val_loss: float, net: nn.Module, early_stopping: Any) -> None:
+def _update_best(state: _State, val_loss: float, net: nn.Module,
+                 early_stopping: EarlyStoppingSpec | None) -> None:
     """Keras semantics: an improvement beats the best so far by more than ``min_delta``."""
-    min_delta = float(getattr(early_stopping, "min_delta", 0.0) or 0.0)
+    min_delta = early_stopping.min_delta if early_stopping is not None else 0.0
     if val_loss < state.best_val_loss - min_delta:
         state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
         state.best_state = copy_tensors(net.state_dict())
@@ -360,7 +322,7 @@ def _update_best(state: _State, val_loss: float, net: nn.Module, early_stopping:
         state.stopped_early = True
 
 
-def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, cfg: TrainSpec) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
@@ -369,7 +331,7 @@ def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainSpec) -> Any:
     """Stepped once per epoch; None for ``lr_schedule: none``."""
     if cfg.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
-from trainer.models import ModelConfig, OutOfMemory
+from trainer.config import ModelSpec, TrainSpec
+from trainer.models import OutOfMemory
 
 FLOAT = 4  # bytes: weights, gradients and activations are float32
-OPTIMIZER_STATE = {"sgd": 1, "adam": 2, "adamw": 2}  # buffers per weight: momentum; moments
+OPTIMIZER_STATE: dict[str, int] = {"sgd": 1, "adam": 2, "adamw": 2}
+"""Buffers per weight: momentum; first and second moments (a key per ``OPTIMIZERS``)."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Estimate:
         return self.weights + self.training_state + self.activations
 
 
-def _layers(cfg: ModelConfig, shape: tuple[int, ...],
+def _layers(cfg: ModelSpec, shape: tuple[int, ...],
             n_outputs: int) -> tuple[int, int, int]:
     """(conv parameters, dense parameters, activation floats per example) of the network
     that ``build_model`` builds."""
@@ -54,14 +55,13 @@ def _layers(cfg: ModelConfig, shape: tuple[int, ...],
     return conv, params, acts
 
 
-def estimate(model_spec: Any, train_spec: Any, input_shape: tuple[int, ...],
+def estimate(model_spec: ModelSpec, train_spec: TrainSpec, input_shape: tuple[int, ...],
              n_outputs: int) -> Estimate:
     """The memory of one run of ``model_spec`` at ``train_spec.batch_size`` on one device."""
-    conv, dense, acts = _layers(ModelConfig.from_spec(model_spec), tuple(input_shape),
-                                n_outputs)
+    conv, dense, acts = _layers(model_spec, tuple(input_shape), n_outputs)
     params = conv + dense
-    state = 1 + OPTIMIZER_STATE.get(str(getattr(train_spec, "optimizer", "adamw")), 2)
-    batch = int(getattr(train_spec, "batch_size", 1))
+    state = 1 + OPTIMIZER_STATE[train_spec.optimizer]
+    batch = train_spec.batch_size
     return Estimate(parameters=params, weights=params * FLOAT,
                     training_state=state * params * FLOAT,
                     activations=2 * batch * acts * FLOAT)
@@ -71,8 +71,9 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_fits(model_spec: Any, train_spec: Any, input_shape: tuple[int, ...], n_outputs: int,
-               available: int, where: str, names: dict[str, str] | None = None) -> Estimate:
+def check_fits(model_spec: ModelSpec, train_spec: TrainSpec, input_shape: tuple[int, ...],
+               n_outputs: int, available: int, where: str,
+               names: dict[str, str] | None = None) -> Estimate:
     """Raise ``OutOfMemory`` (one line naming the key) when a run cannot fit ``available``
     bytes; ``where`` says whose memory that is. The key named is ``train.batch_size`` when
     activations dominate, else the model's layers; ``names`` may replace how a key is named
@@ -80,17 +81,17 @@ def check_fits(model_spec: Any, train_spec: Any, input_shape: tuple[int, ...], n
     est = estimate(model_spec, train_spec, input_shape, n_outputs)
     if est.total <= available:
         return est
-    cfg = ModelConfig.from_spec(model_spec)
-    conv, dense, _ = _layers(cfg, tuple(input_shape), n_outputs)
+    conv, dense, _ = _layers(model_spec, tuple(input_shape), n_outputs)
+    value: int | list[int]
     if est.activations > est.weights + est.training_state:
         key, value = "train.batch_size", train_spec.batch_size
     else:
         key = "model.channels" if conv > dense else "model.hidden"
-        value = list(getattr(cfg, key.split(".")[1]))
+        value = list(model_spec.channels if conv > dense else model_spec.hidden)
     name = (names or {}).get(key, f"{key}={value}")
     raise OutOfMemory(
         f"{name} needs about {gib(est.total)} to train (weights {gib(est.weights)}, gradients "
-        f"and {getattr(train_spec, 'optimizer', 'adamw')} state {gib(est.training_state)}, "
+        f"and {train_spec.optimizer} state {gib(est.training_state)}, "
         f"activations of batch_size {train_spec.batch_size} {gib(est.activations)}); "
         f"{where} has {gib(available)}: lower it")
 

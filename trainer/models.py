@@ -1,7 +1,7 @@
 """The networks: an MLP for tables (or flattened images) and a small CNN for images.
 
-``build_model`` takes the spec's ``model`` section duck-typed (any object with its
-attributes: kind, hidden, activation, dropout, channels, kernel_size, pool) and returns a
+``build_model`` takes the spec's ``model`` section (``trainer.config.ModelSpec``, which
+holds the allowed kinds, activations and pools and checks them) and returns a
 plain ``nn.Sequential``, seeded so that the same spec and seed give the same weights.
 
 Initialisation follows the activation: Kaiming/He (uniform, fan-in) for the ReLU family
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -24,11 +23,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.arrays import Shapes
+from trainer.config import ACTIVATIONS, ModelSpec, TrainSpec
 from trainer.errors import RungwiseError
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "sign")
-KINDS = ("mlp", "cnn")
-POOLS = ("max", "avg", "none")
 LEAKY_SLOPE = 0.01
 EVAL_BATCH = 8192
 
@@ -62,51 +60,17 @@ def make_activation(name: str) -> nn.Module:
                      f"allowed: {', '.join(ACTIVATIONS)}")
 
 
-@dataclass(kw_only=True, slots=True)
-class ModelConfig:
-    """The ``model`` section of the job spec, read attribute by attribute."""
-
-    kind: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [128, 64])
-    activation: str = "relu"
-    dropout: float = 0.0
-    channels: list[int] = field(default_factory=lambda: [16, 32])
-    kernel_size: int = 3
-    pool: str = "max"
-
-    @classmethod
-    def from_spec(cls, model: Any) -> ModelConfig:
-        defaults = cls()
-        return cls(**{f.name: getattr(model, f.name, getattr(defaults, f.name))
-                      for f in fields(cls)})
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"model.kind: unknown kind {self.kind!r}; allowed: mlp, cnn")
-        if self.activation not in ACTIVATIONS:
-            make_activation(self.activation)  # raises with the allowed names
-        if self.pool not in POOLS:
-            raise ValueError(f"model.pool: unknown pool {self.pool!r}; allowed: max, avg, none")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
-        for key in ("hidden", "channels"):
-            sizes = list(getattr(self, key))
-            if any(int(s) < 1 for s in sizes):
-                raise ValueError(f"model.{key}: layer sizes must be >= 1, got {sizes}")
-
-
 class ModelError(RungwiseError):
     """A model section that does not fit the data; the one-line message names the spec key."""
 
 
-def build_model(model: Any, input_shape: tuple[int, ...], n_outputs: int,
+def build_model(cfg: ModelSpec, input_shape: tuple[int, ...], n_outputs: int,
                 seed: int) -> nn.Module:
     """The network for ``input_shape`` (one example, no batch dim) and ``n_outputs``.
 
     ``n_outputs`` is the number of classes (one logit per class, also for two classes) or 1
     for regression. Building does not touch the global RNG: it runs inside ``fork_rng``.
     """
-    cfg = ModelConfig.from_spec(model)
     shape = tuple(int(s) for s in input_shape)
     if n_outputs < 1:
         raise ValueError(f"n_outputs: must be >= 1 (classes, or 1 for regression), "
@@ -130,7 +94,7 @@ def _mlp_body(shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
     return ([nn.Flatten()] if len(shape) > 1 else []), math.prod(shape)
 
 
-def _cnn_body(cfg: ModelConfig, shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+def _cnn_body(cfg: ModelSpec, shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
     """Conv(same) -> activation -> 2x2 pool per entry of ``channels``, then flatten."""
     layers: list[nn.Module] = []
     if len(shape) == 2:  # (H, W): one channel
@@ -148,7 +112,7 @@ def _cnn_body(cfg: ModelConfig, shape: tuple[int, ...]) -> tuple[list[nn.Module]
     return layers, c_in * h * w
 
 
-def _head(cfg: ModelConfig, n_in: int, n_outputs: int) -> list[nn.Module]:
+def _head(cfg: ModelSpec, n_in: int, n_outputs: int) -> list[nn.Module]:
     """Linear -> activation -> Dropout per hidden size, then a Linear head (no activation)."""
     layers: list[nn.Module] = []
     for size in cfg.hidden:
@@ -249,7 +213,7 @@ def param_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def new_model(model_spec: Any, data: Any, seed: int) -> torch.nn.Module:
+def new_model(model_spec: ModelSpec, data: Shapes, seed: int) -> torch.nn.Module:
     """The spec's network for ``data`` (a Prepared, ArrayData or TensorData)."""
     return build_model(model_spec, data.input_shape, data.n_outputs, seed=seed)
 
@@ -265,14 +229,14 @@ def is_oom(exc: BaseException) -> bool:
                                            or "out of memory" in text))
 
 
-def explain_oom(exc: BaseException, model_spec: Any, train_spec: Any, n_inputs: int,
+def explain_oom(exc: BaseException, model_spec: ModelSpec, train_spec: TrainSpec, n_inputs: int,
                 gpu_share: float = 0.0, data_bytes: int = 0) -> OutOfMemory:
     """Name the likely cause: the model's size, else the batch size (``trainer.memory``'s
     estimate, the one that is checked before a run starts); with a share of a GPU
     (``gpu_share``, capped per process), the share and the data's size on the card too."""
     from trainer.memory import estimate, gib
 
-    hidden = list(getattr(model_spec, "hidden", []))
+    hidden = list(model_spec.hidden)
     est = estimate(model_spec, train_spec, (n_inputs,), 1)
     where = (f"model.hidden={hidden} needs about {gib(est.weights)} for its weights"
              if est.weights > 2**30 else

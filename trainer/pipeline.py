@@ -1,4 +1,4 @@
-"""From the spec's data + impute sections to arrays a network trains on.
+"""From the spec's data + impute sections (trainer/config.py) to arrays a network trains on.
 
 read -> schema -> split (seeded) -> imputer + encoder fitted on the training split only ->
 float32 arrays. ``split_data`` and ``prepare`` are separate so a sweep reads and splits once
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from trainer.arrays import ArrayData
+from trainer.config import DataSpec, ImputeSpec
 from trainer.data import (
     DataError,
     ImageSet,
@@ -57,7 +58,7 @@ class Prepared(ArrayData):
         return ArrayData(**{f.name: getattr(self, f.name) for f in fields(ArrayData)})
 
 
-def split_data(data: Any) -> RawData:
+def split_data(data: DataSpec) -> RawData:
     """Read and split the data named by the spec's ``data`` section."""
     if detect_format(str(data.path), data.format) == "npz":
         return _split_images(data)
@@ -69,7 +70,7 @@ def split_data(data: Any) -> RawData:
                    fingerprint=fingerprint(frame), task=data.task)
 
 
-def _split_images(data: Any) -> RawData:
+def _split_images(data: DataSpec) -> RawData:
     if data.task != "classification":
         raise DataError("data.task: image data (.npz) supports classification only")
     images = read_images(data)
@@ -86,13 +87,13 @@ def _split_images(data: Any) -> RawData:
     return RawData(splits=None, schema=None, images=sets, fingerprint=fp, task=data.task)
 
 
-def make_imputer(impute: Any) -> Imputer:
+def make_imputer(impute: ImputeSpec) -> Imputer:
     return Imputer(numeric=impute.numeric, categorical=impute.categorical,
                    drop_columns_above=impute.drop_columns_above,
                    indicator=impute.indicator, fill_value=impute.fill_value)
 
 
-def prepare(raw: RawData, impute: Any) -> Prepared:
+def prepare(raw: RawData, impute: ImputeSpec) -> Prepared:
     """Fit the preprocessing on the training split only, then transform all three."""
     if raw.images is not None:
         return _prepare_images(raw)
@@ -174,5 +175,5 @@ def _prepare_images(raw: RawData) -> Prepared:
               "input_shape": list(tr.x.shape[1:])})
 
 
-def load_and_prepare(data: Any, impute: Any) -> Prepared:
+def load_and_prepare(data: DataSpec, impute: ImputeSpec) -> Prepared:
     return prepare(split_data(data), impute)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tuning.config import SweepSpec
 from tuning.secrets import mask_value
 
 
@@ -150,7 +151,7 @@ def _scaled(dim: dict[str, Any], values: list[Any]) -> tuple[list[float], list[t
     return pos, [(0.0, short(lo)), (1.0, short(hi))]
 
 
-def best_spec_yaml(spec: Any, overrides: dict[str, Any]) -> str:
+def best_spec_yaml(spec: SweepSpec, overrides: dict[str, Any]) -> str:
     """The complete spec of the best trial (``rungwise train`` runs it as it is)."""
     best = spec.with_overrides(overrides).to_dict()
     head = ("# The best trial's spec, written by rungwise tune: run it again with\n"

@@ -10,7 +10,9 @@ from typing import Any
 
 import ray
 
+from trainer.arrays import Shapes
 from trainer.memory import OPTIMIZER_STATE, check_fits
+from tuning.config import SweepSpec
 
 LAYER_KEYS = ("model.kind", "model.hidden", "model.channels")
 
@@ -39,7 +41,7 @@ def _largest(space: dict[str, dict[str, Any]], key: str) -> Any:
     return int(math.ceil(args[1]))  # uniform / randint / quniform: the upper bound
 
 
-def extremes(spec: Any) -> list[tuple[dict[str, Any], dict[str, str]]]:
+def extremes(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """(overrides, how to name each key) for every layer choice at the largest batch size."""
     space = spec.tune.space
     fixed = {k: v for k in ("train.batch_size", "train.optimizer")
@@ -56,7 +58,7 @@ def extremes(spec: Any) -> list[tuple[dict[str, Any], dict[str, str]]]:
     return out
 
 
-def check_sweep_fits(spec: Any, prepared: list[Any]) -> None:
+def check_sweep_fits(spec: SweepSpec, prepared: list[Shapes]) -> None:
     """Raise ``OutOfMemory`` naming the first trial config that cannot fit any node; the data
     is the widest of the ``prepared`` imputation variants."""
     available = largest_node_memory()

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from trainer.config import DataSpec
+
 CONTEXT = "training"
 
 
@@ -57,7 +59,7 @@ def training_input(path: str, fingerprint: str, frame: pd.DataFrame | None, rows
     return DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, CONTEXT)])
 
 
-def from_raw(data: Any, raw: Any) -> Any:
+def from_raw(data: DataSpec, raw: Any) -> Any:
     """The training split of a sweep's (or retrain's) ``RawData``."""
     if raw.splits is not None:
         train = raw.splits.train
@@ -66,14 +68,14 @@ def from_raw(data: Any, raw: Any) -> Any:
                           _name(data))
 
 
-def from_prepared(data: Any, prepared: Any) -> Any:
+def from_prepared(data: DataSpec, prepared: Any) -> Any:
     """``rungwise train``: columns from the raw example rows, rows from the training split."""
     frame = prepared.example
     return training_input(data.path, prepared.fingerprint, frame,
                           int(prepared.info.get("rows_train", 0)), _name(data))
 
 
-def _name(data: Any) -> str:
+def _name(data: DataSpec) -> str:
     from pathlib import PurePosixPath
 
     return PurePosixPath(str(data.path).split("?", 1)[0]).name or "data"

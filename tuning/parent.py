@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tuning.callback import SweepTracker
+from tuning.config import SweepSpec
 from tuning.lineage import from_raw, log_training_input
 from tuning.tracking import client, experiment_id, log_params, mask_secrets, mask_uri
 
@@ -32,12 +33,12 @@ class ParentRun:
     client: Any
     experiment_id: str
     run_id: str
-    spec: Any = None
+    spec: SweepSpec | None = None
     dataset_input: Any = None
     """the training data as an MLflow dataset input: logged here and on every child"""
 
     @classmethod
-    def open(cls, uri: str, spec: Any, strategy: Any, raw: Any, run_id: str | None,
+    def open(cls, uri: str, spec: SweepSpec, strategy: Any, raw: Any, run_id: str | None,
              tags: dict[str, str] | None = None) -> ParentRun:
         """A new parent run, or the same one again when a sweep resumes."""
         cl = client(uri)
@@ -92,6 +93,7 @@ class ParentRun:
         from tuning.tracking import metrics_of
 
         spec = self.spec
+        assert spec is not None, "explain needs the sweep's spec"
         self.client.log_text(self.run_id, explain.best_spec_yaml(spec, best.overrides),
                              "best_spec.yaml")
         trials = explain.scored_trials(grid, spec.tune.metric, spec.tune.mode)

@@ -9,12 +9,13 @@ from typing import Any
 
 from ray.tune import Callback
 
+from tuning.config import SweepSpec
 from tuning.display import pairs, short
 from tuning.space import decode_config
 
 
 class ProgressCallback(Callback):
-    def __init__(self, spec: Any, strategy: Any, quiet: bool = False, every_s: float = 10.0):
+    def __init__(self, spec: SweepSpec, strategy: Any, quiet: bool = False, every_s: float = 10.0):
         self.metric, self.mode = spec.tune.metric, spec.tune.mode
         self.total = strategy.num_samples
         self.quiet, self.every_s = quiet, every_s

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuning.config import ResourcesSpec
 from tuning.errors import RungwiseError
 
 EPS = 1e-6
@@ -83,7 +84,7 @@ class Settled:
         return {"resources.gpus_per_worker": self.gpus_per_worker, "train.device": self.device}
 
 
-def settle(resources: Any, device: str, cluster: Cluster) -> Settled:
+def settle(resources: ResourcesSpec, device: str, cluster: Cluster) -> Settled:
     """``resources.*`` and ``train.device`` made consistent, or a one-line error."""
     gpus = _gpus_per_worker(resources.gpus_per_worker, device, cluster)
     workers = int(resources.workers_per_trial)

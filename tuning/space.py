@@ -2,6 +2,9 @@
 
 Values that are not scalars (``model.hidden: [128, 64]``) travel as JSON strings, so every
 searcher (Optuna included) sees plain categorical choices and MLflow shows readable params.
+A trial's config comes back through ``TrialConfig.of``: the decoded choices, the validated
+spec they make and the imputation variant (which prepared data the trial trains on), so
+no caller handles the ``json:`` strings itself.
 Every path and every value a trial could receive is validated against the spec before any
 trial starts: a typo fails in a second, not after an hour of sweeping.
 """
@@ -10,8 +13,11 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 
 JSON_PREFIX = "json:"
@@ -29,9 +35,29 @@ def decode(value: Any) -> Any:
     return value
 
 
-def decode_config(config: dict[str, Any]) -> dict[str, Any]:
+def decode_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Trial config -> ``{"train.lr": 0.01, "model.hidden": [64]}`` (only space keys)."""
     return {k: decode(v) for k, v in config.items() if "." in k}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial's choices, read from its Ray Tune config, and the spec they make."""
+
+    overrides: dict[str, Any]
+    """The searched keys, decoded: ``{"train.lr": 0.01, "model.hidden": [64]}``."""
+    spec: SweepSpec
+    """The sweep's spec with ``overrides`` applied, validated."""
+
+    @classmethod
+    def of(cls, spec: SweepSpec, config: Mapping[str, Any]) -> TrialConfig:
+        overrides = decode_config(config)
+        return cls(overrides, spec.with_overrides(overrides) if overrides else spec)
+
+    @property
+    def variant(self) -> str:
+        """The imputation choices: the key of the prepared data this trial trains on."""
+        return variant_key(self.overrides)
 
 
 def build_param_space(space: dict[str, dict[str, Any]], *, grid: bool = False) -> dict[str, Any]:
@@ -69,7 +95,7 @@ def candidate_values(dim: dict[str, Any]) -> list[Any]:
     return [args[0], args[1]]
 
 
-def validate_space(spec: Any) -> None:
+def validate_space(spec: SweepSpec) -> None:
     """Apply every candidate value of every dimension to the spec; errors name the path."""
     for path, dim in spec.tune.space.items():
         if path.startswith(("tune.", "tracking.", "schedule.", "resources.", "name")):
@@ -83,11 +109,11 @@ def validate_space(spec: Any) -> None:
                                     f"spec: {exc}") from None
 
 
-def impute_keys(spec: Any) -> list[str]:
+def impute_keys(spec: SweepSpec) -> list[str]:
     return [p for p in spec.tune.space if p.startswith("impute.")]
 
 
-def impute_variants(spec: Any) -> list[dict[str, Any]] | None:
+def impute_variants(spec: SweepSpec) -> list[dict[str, Any]] | None:
     """Every distinct imputation choice the space can produce, or None if not enumerable."""
     keys = impute_keys(spec)
     if not keys:

@@ -24,6 +24,7 @@ from ray.tune.schedulers import (
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 from tuning.space import build_param_space, grid_size
 
@@ -71,10 +72,11 @@ def _warm_points(space: dict[str, Any], warm_start: list[dict[str, Any]] | None
     return points
 
 
-def build_strategy(spec: Any, warm_start: list[dict[str, Any]] | None = None) -> Strategy:
+def build_strategy(spec: SweepSpec, warm_start: list[dict[str, Any]] | None = None) -> Strategy:
     """Searcher + scheduler for ``spec.tune``; ``warm_start`` configs are tried first."""
     tune_spec, epochs = spec.tune, spec.train.epochs
-    name, reason = tune_spec.search, f"tune.search: {tune_spec.search}"
+    name: str = tune_spec.search
+    reason = f"tune.search: {tune_spec.search}"
     if name == "auto":
         name, reason = choose_auto(tune_spec.num_samples, epochs)
     space = tune_spec.space
@@ -100,7 +102,7 @@ def build_strategy(spec: Any, warm_start: list[dict[str, Any]] | None = None) ->
     return Strategy(name, reason, params, tune_spec.num_samples, searcher, scheduler, every)
 
 
-def _scheduler(name: str, spec: Any, params: dict[str, Any]) -> tuple[TrialScheduler, int]:
+def _scheduler(name: str, spec: SweepSpec, params: dict[str, Any]) -> tuple[TrialScheduler, int]:
     t, epochs = spec.tune, spec.train.epochs
     common = {"time_attr": EPOCH}  # metric and mode come from TuneConfig
     if name in ("grid", "random", "bayes"):
@@ -119,7 +121,7 @@ def _scheduler(name: str, spec: Any, params: dict[str, Any]) -> tuple[TrialSched
     raise RungwiseError(f"tune.search: unknown strategy {name!r}")
 
 
-def _pbt(spec: Any, params: dict[str, Any], common: dict[str, Any]) -> TrialScheduler:
+def _pbt(spec: SweepSpec, params: dict[str, Any], common: dict[str, Any]) -> TrialScheduler:
     """PBT perturbs the train.* values of running trials; model shape cannot change mid-run."""
     mutable = {k: v for k, v in params.items() if k.startswith("train.")}
     if not mutable:

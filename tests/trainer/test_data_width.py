@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -69,8 +68,7 @@ def test_a_wide_table_with_listed_features_is_read(tmp_path: Path) -> None:
 
 
 def test_exactly_the_bound_is_allowed() -> None:
-    data = SimpleNamespace(path="t.csv", target="y", task="classification", features=None,
-                           categorical=None)
+    data = DataSpec(path="t.csv")
     frame = pd.DataFrame(np.zeros((4, MAX_FEATURES), dtype=np.float32))
     frame.columns = [f"c{i}" for i in range(MAX_FEATURES)]
     frame["y"] = [0, 1, 0, 1]
@@ -87,8 +85,7 @@ def test_schema_inference_is_linear_in_the_columns(monkeypatch: pytest.MonkeyPat
     frame["y"] = [0, 1] * 10
     text = [f"c{i}" for i in range(0, n, 10)]
     frame[text] = frame[text].astype("str")
-    data = SimpleNamespace(path="t.csv", target="y", task="classification", features=None,
-                           categorical=None)
+    data = DataSpec(path="t.csv")
     t0 = time.perf_counter()
     schema = infer_schema(frame, data)
     took = time.perf_counter() - t0

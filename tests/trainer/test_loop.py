@@ -10,7 +10,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.config import EarlyStoppingSpec, ModelSpec, TrainSpec
 from trainer.loop import (
     DivergedError,
     TensorData,
@@ -30,17 +30,17 @@ from trainer.metrics import classification_loss
 from trainer.models import build_model
 
 
-def train_spec(**overrides: Any) -> SimpleNamespace:
-    """Every attribute of jobs.spec.TrainSpec, small and fast by default."""
+def train_spec(**overrides: Any) -> TrainSpec:
+    """The spec's train section, small and fast by default."""
     spec = dict(epochs=4, batch_size=32, optimizer="adamw", lr=1e-2, momentum=0.9,
                 weight_decay=0.0, lr_schedule="none", step_size=10, gamma=0.1, grad_clip=None,
                 early_stopping=None, seed=0, device="cpu", threads=1, deterministic=False)
     spec.update(overrides)
-    return SimpleNamespace(**spec)
+    return TrainSpec(**spec)
 
 
-def model_spec(hidden: list[int] | None = None, dropout: float = 0.1) -> SimpleNamespace:
-    return SimpleNamespace(kind="mlp", hidden=[16] if hidden is None else hidden,
+def model_spec(hidden: list[int] | None = None, dropout: float = 0.1) -> ModelSpec:
+    return ModelSpec(kind="mlp", hidden=[16] if hidden is None else hidden,
                            activation="relu", dropout=dropout)
 
 
@@ -62,7 +62,7 @@ def make_data(task: str = "classification", n: int = 300, d: int = 6, seed: int 
     return TensorData.from_numpy(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:], task)
 
 
-def run(data: TensorData, spec: SimpleNamespace, mspec: SimpleNamespace | None = None,
+def run(data: TensorData, spec: TrainSpec, mspec: ModelSpec | None = None,
         **kwargs: Any) -> Any:
     net = build_model(mspec or model_spec(), data.input_shape, data.n_outputs, seed=spec.seed)
     return fit(net, data, spec, **kwargs)
@@ -104,7 +104,7 @@ def test_callback_once_per_epoch_with_fixed_names(task: str, key: str) -> None:
 def test_early_stopping_stops_and_restores_best_weights() -> None:
     data = make_data(n=120, label_noise=0.3)
     spec = train_spec(epochs=300, lr=3e-2, batch_size=16,
-                      early_stopping=SimpleNamespace(patience=3, min_delta=0.0))
+                      early_stopping=EarlyStoppingSpec(patience=3, min_delta=0.0))
     result = run(data, spec, model_spec([128, 128], dropout=0.0))
     assert result.stopped_early
     assert result.epochs_run == result.best_epoch + 3 < 300
@@ -153,7 +153,7 @@ def test_same_seed_same_history_to_the_last_digit() -> None:
 def test_resume_after_interruption_is_exact(tmp_path: Path) -> None:
     data = make_data()
     spec = train_spec(epochs=6, lr_schedule="cosine",
-                      early_stopping=SimpleNamespace(patience=50, min_delta=0.0))
+                      early_stopping=EarlyStoppingSpec(patience=50, min_delta=0.0))
     full = run(data, spec)
 
     class Stop(Exception):
@@ -307,7 +307,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
                 data = replace(data, y_val=1 - data.y_val)
             result = fit(DistributedDataParallel(net), data,
                          train_spec(epochs=12, batch_size=32,
-                                    early_stopping=SimpleNamespace(patience=2, min_delta=0.0)))
+                                    early_stopping=EarlyStoppingSpec(patience=2, min_delta=0.0)))
             torch.save({"history": no_time(result.history)}, Path(out) / f"stop{rank}.pt")
         else:  # resume every rank from rank 0's checkpoint: each rank its own dropout RNG
             ckpt = load_checkpoint(Path(out) / "single.pt")

@@ -3,22 +3,23 @@ that cannot fit is refused with one line naming the key."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from trainer.config import ModelSpec, TrainSpec
 from trainer.memory import check_fits, estimate
 from trainer.models import OutOfMemory, build_model, count_parameters, explain_oom
 
 HUGE = [200000, 200000]
-ADAMW = SimpleNamespace(batch_size=256, optimizer="adamw")
+ADAMW = TrainSpec(batch_size=256, optimizer="adamw")
 
 
-def model(**kw: object) -> SimpleNamespace:
+def model(**kw: Any) -> ModelSpec:
     base = {"kind": "mlp", "hidden": [64, 32], "activation": "relu", "dropout": 0.0,
             "channels": [16, 32], "kernel_size": 3, "pool": "max"}
-    return SimpleNamespace(**{**base, **kw})
+    return ModelSpec(**{**base, **kw})
 
 
 @pytest.mark.parametrize(("spec", "shape", "n_out"), [
@@ -26,7 +27,7 @@ def model(**kw: object) -> SimpleNamespace:
     (model(kind="cnn"), (1, 8, 8), 10), (model(kind="cnn", pool="none"), (8, 8), 3),
     (model(kind="cnn", channels=[4, 4, 4, 4, 4], kernel_size=5), (3, 5, 7), 2),
 ])
-def test_the_parameter_count_is_the_real_networks(spec: SimpleNamespace,
+def test_the_parameter_count_is_the_real_networks(spec: ModelSpec,
                                                   shape: tuple[int, ...], n_out: int) -> None:
     assert estimate(spec, ADAMW, shape, n_out).parameters == count_parameters(
         build_model(spec, shape, n_out, seed=0))
@@ -36,7 +37,7 @@ def test_weights_gradients_and_optimizer_state() -> None:
     est = estimate(model(hidden=[10]), ADAMW, (5,), 1)
     assert est.parameters == 6 * 10 + 11 * 1
     assert (est.weights, est.training_state) == (71 * 4, 3 * 71 * 4)  # grads + 2 moments
-    sgd = estimate(model(hidden=[10]), SimpleNamespace(batch_size=256, optimizer="sgd"), (5,), 1)
+    sgd = estimate(model(hidden=[10]), TrainSpec(batch_size=256, optimizer="sgd"), (5,), 1)
     assert sgd.training_state == 2 * 71 * 4  # grads + momentum
 
 
@@ -50,7 +51,7 @@ def test_a_model_that_cannot_fit_is_refused_naming_its_layers() -> None:
 
 
 def test_a_batch_that_cannot_fit_is_refused_naming_the_batch_size() -> None:
-    train = SimpleNamespace(batch_size=2**24, optimizer="adam")
+    train = TrainSpec(batch_size=2**24, optimizer="adam")
     with pytest.raises(OutOfMemory, match=r"^tune\.space\.train\.batch_size: the largest value "
                                           r"16777216 needs about \d+\.\d GiB"):
         check_fits(model(hidden=[4096]), train, (1000,), 2, 2**30, "the largest node",

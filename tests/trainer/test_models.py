@@ -5,27 +5,28 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from jobs.spec import SpecError, validate_spec
+from trainer.config import KINDS, POOLS, ModelSpec
 from trainer.models import ACTIVATIONS, Sign, build_model, predict, predict_proba
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def mlp(hidden: list[int] | None = None, activation: str = "relu",
-        dropout: float = 0.0) -> SimpleNamespace:
-    return SimpleNamespace(kind="mlp", hidden=[16, 8] if hidden is None else hidden,
+        dropout: float = 0.0) -> ModelSpec:
+    return ModelSpec(kind="mlp", hidden=[16, 8] if hidden is None else hidden,
                            activation=activation, dropout=dropout)
 
 
 def cnn(channels: list[int] | None = None, hidden: list[int] | None = None,
-        pool: str = "max", activation: str = "relu") -> SimpleNamespace:
-    return SimpleNamespace(kind="cnn", channels=[4, 8] if channels is None else channels,
+        pool: str = "max", activation: str = "relu") -> ModelSpec:
+    return ModelSpec(kind="cnn", channels=[4, 8] if channels is None else channels,
                            hidden=[16] if hidden is None else hidden, activation=activation,
                            dropout=0.1, kernel_size=3, pool=pool)
 
@@ -121,14 +122,18 @@ def test_cnn_on_a_table_is_refused_with_the_spec_key() -> None:
         "this table has 104 features: use mlp")
 
 
-@pytest.mark.parametrize(("section", "key"), [
-    (mlp(activation="gelu"), "model.activation"),
-    (SimpleNamespace(kind="rnn"), "model.kind"),
-    (cnn(pool="median"), "model.pool"),
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("activation", "gelu", ACTIVATIONS), ("kind", "rnn", KINDS), ("pool", "median", POOLS),
 ])
-def test_bad_values_name_the_key(section: SimpleNamespace, key: str) -> None:
-    with pytest.raises(ValueError, match=f"^{key}: "):
-        build_model(section, (1, 8, 8), 2, seed=0)
+def test_bad_values_name_the_key(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A bad choice is refused once, by the spec, with every value the model can build."""
+    with pytest.raises(SpecError) as err:
+        validate_spec({"name": "t", "data": {"path": "t.csv"}, "model": {key: value}}, None)
+    choices = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+    assert str(err.value) == f"model.{key}: Input should be {choices}; got {value!r}"
+    for name in allowed:  # and each allowed value builds
+        spec = ModelSpec(**{"kind": "cnn", key: name})
+        assert build_model(spec, (1, 8, 8), 2, seed=0)(torch.randn(2, 1, 8, 8)).shape == (2, 2)
 
 
 def test_predict_and_predict_proba() -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
+from trainer.config import ModelSpec, TrainSpec
 from trainer.loop import TensorData, evaluate, fit, predict
 from trainer.models import build_model
 
@@ -16,9 +15,9 @@ Y = np.array([0, 1, 1, 0], dtype=np.int64)
 
 def train_xor(hidden: list[int], seed: int = 0) -> tuple[TensorData, object]:
     data = TensorData.from_numpy(X, Y, X, Y, X, Y, task="classification")  # train = val = test
-    model = SimpleNamespace(kind="mlp", hidden=hidden, activation="tanh", dropout=0.0)
-    train = SimpleNamespace(epochs=300, batch_size=4, optimizer="adam", lr=0.05,
-                            weight_decay=0.0, seed=seed, device="cpu", threads=1)
+    model = ModelSpec(kind="mlp", hidden=hidden, activation="tanh", dropout=0.0)
+    train = TrainSpec(epochs=300, batch_size=4, optimizer="adam", lr=0.05,
+                     weight_decay=0.0, seed=seed, device="cpu", threads=1)
     result = fit(build_model(model, (2,), 2, seed), data, train)
     return data, result.model
 

@@ -168,23 +168,18 @@ def test_predict_is_typed_and_mlflow_gives_no_type_hint_advice(model: Registered
 def test_drop_rows_columns_are_required(tmp_path: Path) -> None:
     """Signature of a model whose numbers are imputed by drop_rows: those are required (and
     integer ones ``long``); the categoricals stay optional."""
-    from dataclasses import asdict
-    from types import SimpleNamespace
-
     from tests.registered import adult_rows
-    from trainer.models import ModelConfig, new_model
+    from trainer.config import DataSpec, ImputeSpec, ModelSpec, SplitSpec
+    from trainer.models import new_model
     from trainer.pipeline import prepare, split_data
     from trainer.run import make_bundle
     from tuning.registry import model_signature
 
-    data = SimpleNamespace(path=str(adult_rows(tmp_path / "a.csv", 600)), format="auto",
-                           columns=COLUMNS, delimiter=",", na_values=["?"], target="income",
-                           task="classification", features=None, categorical=None,
-                           split=SimpleNamespace(val=0.2, test=0.2, seed=0, stratify=True))
-    impute = SimpleNamespace(numeric="drop_rows", categorical="category",
-                             drop_columns_above=None, indicator=False, fill_value=None)
+    data = DataSpec(path=str(adult_rows(tmp_path / "a.csv", 600)), columns=COLUMNS,
+                    na_values=["?"], target="income", split=SplitSpec(val=0.2, test=0.2))
+    impute = ImputeSpec(numeric="drop_rows", categorical="category")
     prepared = prepare(split_data(data), impute)
-    model_spec = SimpleNamespace(**asdict(ModelConfig(kind="mlp", hidden=[4])))
+    model_spec = ModelSpec(kind="mlp", hidden=[4])
     net = new_model(model_spec, prepared, seed=0)
     bundle = make_bundle(model_spec, prepared, net)
     sig = model_signature(bundle, prepared.example)

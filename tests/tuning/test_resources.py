@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from trainer.arrays import ArrayData
+from trainer.config import ModelSpec, TrainSpec
 from trainer.models import explain_oom
+from tuning.config import ResourcesSpec
 from tuning.errors import RungwiseError
 from tuning.resources import (
     Cluster,
@@ -38,8 +39,8 @@ GROWS_CPU_ONLY = Cluster(nodes=(EMPTY_HEAD,), autoscaler=True,
 GROWS_UNKNOWN = Cluster(nodes=(EMPTY_HEAD,), autoscaler=True, node_types=None)
 
 
-def res(gpus: str | float = "auto", workers: int = 1, cpus: float = 1.0) -> SimpleNamespace:
-    return SimpleNamespace(gpus_per_worker=gpus, workers_per_trial=workers, cpus_per_worker=cpus)
+def res(gpus: str | float = "auto", workers: int = 1, cpus: float = 1.0) -> ResourcesSpec:
+    return ResourcesSpec(gpus_per_worker=gpus, workers_per_trial=workers, cpus_per_worker=cpus)
 
 
 @pytest.mark.parametrize(("gpus", "workers", "device", "cluster", "want_gpus", "want_device"), [
@@ -174,7 +175,7 @@ def test_oom_message_names_the_share_and_the_data_on_the_card() -> None:
     size = data_bytes(arrays)
     assert size == 3 * (1024 * 256 * 4 + 1024 * 8)
     exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    model, train = SimpleNamespace(hidden=[64]), SimpleNamespace(batch_size=512)
+    model, train = ModelSpec(hidden=[64]), TrainSpec(batch_size=512)
     msg = str(explain_oom(exc, model, train, 256, gpu_share=0.25, data_bytes=size))
     assert msg == ("out of memory: train.batch_size=512 is the likely cause; lower it and retry; "
                    "or raise resources.gpus_per_worker: this trial may use only 25% of the "

@@ -15,6 +15,7 @@ from jobs.spec import load_spec
 from tests.conftest import EXAMPLES
 from tuning.errors import RungwiseError
 from tuning.space import (
+    TrialConfig,
     build_param_space,
     decode,
     decode_config,
@@ -119,6 +120,20 @@ def test_impute_variants_are_enumerated_once_each(spec):
     assert len(keys) == 3
     continuous = with_space(spec, {"impute.drop_columns_above": {"uniform": [0.3, 0.9]}})
     assert impute_variants(continuous) is None
+
+
+def test_a_trial_config_gives_the_typed_spec_and_its_variant(spec):
+    params = build_param_space({"model.hidden": {"choice": [[64], [32, 16]]}})
+    config = {"model.hidden": params["model.hidden"].categories[1], "impute.numeric": "mean",
+              "train.lr": 0.01, "__trial_index__": 3}
+    trial = TrialConfig.of(spec, config)
+    assert trial.overrides == {"model.hidden": [32, 16], "impute.numeric": "mean",
+                               "train.lr": 0.01}
+    assert (trial.spec.model.hidden, trial.spec.impute.numeric, trial.spec.train.lr) == (
+        [32, 16], "mean", 0.01)
+    assert trial.spec.name == spec.name and spec.model.hidden != [32, 16]
+    assert trial.variant == variant_key({"impute.numeric": "mean"})
+    assert TrialConfig.of(spec, {}).spec is spec
 
 
 def test_warm_start_points_are_tried_first(spec):
