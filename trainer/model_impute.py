@@ -113,5 +113,12 @@ def fit_chain(x: np.ndarray) -> ChainImputer:
         neighbors=[np.asarray(t.neighbor_feat_idx, dtype=np.int64) for t in seq],
         coef=[np.asarray(t.estimator.coef_, dtype=np.float64) for t in seq],
         intercept=np.asarray([float(t.estimator.intercept_) for t in seq], dtype=np.float64),
-        lower=np.broadcast_to(np.asarray(model._min_value, dtype=np.float64), (n,)).copy(),
-        upper=np.broadcast_to(np.asarray(model._max_value, dtype=np.float64), (n,)).copy())
+        lower=_bound(model, "_min_value", -np.inf, n),
+        upper=_bound(model, "_max_value", np.inf, n))
+
+
+def _bound(model: Any, name: str, default: float, n: int) -> np.ndarray:
+    """IterativeImputer's clip bounds; it sets none when it only imputed the initial statistics
+    (one column, or nothing to model), and then nothing is clipped."""
+    value = getattr(model, name, default)
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()

@@ -418,3 +418,21 @@ def test_the_model_imputer_replays_iterative_imputer_exactly():
     test[0] = np.nan  # a row with nothing observed
     np.testing.assert_array_equal(chain.transform(test.copy()), reference.transform(test.copy()))
     assert len(chain.feature) == 5 * reference.n_iter_
+
+
+def test_the_model_imputer_on_one_numeric_column():
+    """IterativeImputer only fills the mean when there is one column (it sets no clip bounds):
+    the copied-out imputer does the same instead of failing on a missing attribute."""
+    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
+    from sklearn.impute import IterativeImputer
+
+    x = np.array([[1.0], [np.nan], [3.0], [5.0]])
+    chain = model_impute.fit_chain(x.copy())
+    reference = IterativeImputer(random_state=model_impute.MODEL_SEED,
+                                 keep_empty_features=True).fit(x.copy())
+    test = np.array([[np.nan], [2.0]])
+    np.testing.assert_array_equal(chain.transform(test.copy()), reference.transform(test.copy()))
+    assert chain.transform(test)[0, 0] == 3.0
+    frame = pd.DataFrame({"a": [1.0, None, 3.0, 5.0], "c": ["x", "y", None, "x"]})
+    filled = Imputer(numeric="model").fit(frame).transform(frame)
+    assert filled["a"].tolist() == [1.0, 3.0, 3.0, 5.0]
