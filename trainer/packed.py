@@ -1,0 +1,365 @@
+"""Packed trials: N MLPs of one architecture trained at once as one vectorised model.
+
+Small trials (an MLP on a table, a few dozen tiny kernels per step) are bound by kernel launch
+and Python overhead, not arithmetic. A ``Pack`` holds N members' weights as the rows of one
+flat ``(N, P)`` tensor; layer l of every member is a view ``(N, out, in)`` of it, so one
+``baddbmm`` runs layer l for all members, one backward fills every member's gradient, and one
+``PackedOptimizer`` step updates them all with each member's own lr, weight decay, momentum.
+
+What members share: the architecture (kind mlp, hidden, activation), the batch size, the
+optimiser kind, the data and the device (``pack_key``). What each member has of its own
+(``Member``): lr, weight decay, momentum, dropout, seed, epochs, early-stopping patience and
+min_delta, grad clip, lr schedule. Each member trains exactly as ``trainer.loop.fit`` trains
+one model with the same settings: initial weights from ``build_model(..., seed)``, batch order
+from ``torch.Generator().manual_seed(seed)`` (one ``randperm`` per epoch), dropout masks from
+its own generator seeded with ``seed`` and drawn in fit's order (on CPU the masks are bit
+for bit fit's; on CUDA fit's fused dropout kernel draws differently), the same metrics, the
+same early stopping and divergence check, the best epoch's weights at the end.
+
+A member can be stopped (``stop``: a scheduler's decision) or diverge to nan: its row is
+masked out of every update (``PackedOptimizer.step(active)``) and the others are untouched;
+its slot can take in a new member (``add``). Float32 only (no bf16 autocast), one process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.loop import TensorData, TrainConfig, resolve_device
+from trainer.metrics import task_metrics
+from trainer.models import ModelConfig, build_model, make_activation
+from trainer.packed_optim import PackedOptimizer
+
+OnMember = Callable[[Any, dict[str, Any]], bool | None]
+"""``on_epoch(key, metrics)``; return True to stop that member (a scheduler's decision)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Member:
+    """What one member (one trial) of a pack has of its own; defaults as ``TrainConfig``."""
+
+    key: Any = None
+    """The caller's name for the member (a trial id); reported back with its results."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    dropout: float = 0.0
+    seed: int = 0
+    epochs: int = 30
+    patience: int | None = None
+    min_delta: float = 0.0
+    grad_clip: float | None = None
+    lr_schedule: str = "none"
+    step_size: int = 10
+    gamma: float = 0.1
+
+    @classmethod
+    def from_spec(cls, model: Any, train: Any, key: Any = None) -> Member:
+        """From the spec's ``model`` and ``train`` sections (duck-typed, as ``fit`` reads them)."""
+        cfg, stop = TrainConfig.from_spec(train), getattr(train, "early_stopping", None)
+        return cls(key=key, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                   dropout=ModelConfig.from_spec(model).dropout, seed=cfg.seed,
+                   epochs=cfg.epochs, grad_clip=cfg.grad_clip, lr_schedule=cfg.lr_schedule,
+                   step_size=cfg.step_size, gamma=cfg.gamma,
+                   patience=None if stop is None else int(stop.patience),
+                   min_delta=float(getattr(stop, "min_delta", 0.0) or 0.0))
+
+    def lr_at(self, epoch: int) -> float:
+        """The lr of 0-based ``epoch`` (``make_scheduler``'s schedules, closed form)."""
+        if self.lr_schedule == "cosine":
+            return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+        if self.lr_schedule == "step":
+            return self.lr * self.gamma ** (epoch // self.step_size)
+        return self.lr
+
+
+def pack_key(model: Any, train: Any) -> tuple[Any, ...]:
+    """What members of one pack must share: trials with equal keys can be packed."""
+    m, t = ModelConfig.from_spec(model), TrainConfig.from_spec(train)
+    return (m.kind, tuple(int(h) for h in m.hidden), m.activation, t.batch_size, t.optimizer,
+            t.device, t.threads)
+
+
+@dataclass
+class MemberResult:
+    """A member's run, as ``trainer.loop.FitResult`` reports one, plus how it ended."""
+
+    key: Any
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    status: str
+    """finished | stopped (by the caller) | diverged"""
+    error: str | None
+    model: nn.Module | None
+    """A ``build_model`` network with the best epoch's weights (None before any epoch)."""
+
+
+@dataclass
+class _Slot:
+    member: Member
+    gen: torch.Generator  # batch order, as fit's
+    drop_gen: torch.Generator  # dropout masks, as fit's global RNG
+    epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_row: torch.Tensor | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    status: str = "running"
+    error: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Pack:
+    """Up to ``size`` members of one MLP architecture, trained epoch by epoch together."""
+
+    def __init__(self, model: Any, data: TensorData, *, size: int, batch_size: int,
+                 optimizer: str = "adamw", device: str | torch.device = "cpu") -> None:
+        self.model_cfg = ModelConfig.from_spec(model)
+        if self.model_cfg.kind != "mlp":
+            raise ValueError(f"model.kind: packing trains MLPs only, got {self.model_cfg.kind!r}")
+        if size < 1 or batch_size < 1:
+            raise ValueError(f"pack: size and batch_size must be >= 1, got {size}, {batch_size}")
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.data, self.size, self.batch_size = data.to(self.device), size, batch_size
+        flat = [getattr(self.data, s).reshape(len(getattr(self.data, s)), -1)
+                for s in ("x_train", "x_val")]
+        self.x_train, self.x_val = flat
+        widths = [self.x_train.shape[1], *(int(h) for h in self.model_cfg.hidden),
+                  data.n_outputs]
+        self.shapes = list(zip(widths[1:], widths[:-1], strict=True))  # (out, in) per layer
+        n_params = sum(o * i + o for o, i in self.shapes)
+        self.flat = torch.zeros(size, n_params, device=self.device, requires_grad=True)
+        self.opt = PackedOptimizer(self.flat, optimizer)
+        self.act = make_activation(self.model_cfg.activation)
+        self.slots: list[_Slot | None] = [None] * size
+        self.active = torch.zeros(size, dtype=torch.bool, device=self.device)
+
+    # --- members ------------------------------------------------------------------------
+
+    def free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None or s.status != "running"]
+
+    def running(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None and s.status == "running"]
+
+    def add(self, member: Member) -> int:
+        """Put ``member`` into a free slot (its weights, optimiser state, RNGs fresh)."""
+        free = self.free_slots()
+        if not free:
+            raise RuntimeError(f"pack: all {self.size} slots are running; stop one first")
+        if member.epochs < 1:
+            raise ValueError(f"train.epochs: must be >= 1, got {member.epochs}")
+        slot = free[0]
+        net = build_model(replace(self.model_cfg, dropout=member.dropout),
+                          self.data.input_shape, self.data.n_outputs, seed=member.seed)
+        with torch.no_grad():
+            self.flat[slot] = _to_row(net).to(self.device)
+        self.opt.set_member(slot, member.lr, member.weight_decay, member.momentum)
+        drop_gen = torch.Generator(self.device).manual_seed(member.seed)
+        self.slots[slot] = _Slot(member, torch.Generator().manual_seed(member.seed), drop_gen)
+        self.active[slot] = True
+        return slot
+
+    def stop(self, slot: int, status: str = "stopped") -> None:
+        """Mask ``slot`` out of training (a scheduler stopped it); its slot becomes free."""
+        s = self._slot(slot)
+        if s.status == "running":
+            s.status = status
+        self.active[slot] = False
+
+    def result(self, slot: int) -> MemberResult:
+        """The member in ``slot`` (until the slot takes a new one), best weights loaded."""
+        s = self._slot(slot)
+        net = None
+        if s.best_row is not None:
+            net = build_model(replace(self.model_cfg, dropout=s.member.dropout),
+                              self.data.input_shape, self.data.n_outputs, seed=s.member.seed)
+            _from_row(net, s.best_row)
+        return MemberResult(key=s.member.key, history=list(s.history), best_epoch=s.best_epoch,
+                            best_val_loss=s.best_val_loss, epochs_run=s.epoch,
+                            stopped_early=s.stopped_early, status=s.status, error=s.error,
+                            model=net)
+
+    def _slot(self, slot: int) -> _Slot:
+        s = self.slots[slot]
+        if s is None:
+            raise KeyError(f"pack: slot {slot} holds no member")
+        return s
+
+    # --- training -----------------------------------------------------------------------
+
+    def run_epoch(self) -> list[tuple[int, dict[str, Any]]]:
+        """One epoch for every running member: ``(slot, metrics)`` each, with fit's keys
+        (epoch, train_loss, val_loss, val_accuracy | val_rmse, lr, epoch_time_s; the time is
+        the pack's epoch shared out among its members). A member that finished, stopped early
+        or diverged in this epoch has left the running set when this returns."""
+        live = self.running()
+        if not live:
+            return []
+        t0 = time.perf_counter()
+        lrs = [self._slot(i).member.lr_at(self._slot(i).epoch) if i in live else 0.0
+               for i in range(self.size)]
+        self.opt.set_lr(torch.tensor(lrs, dtype=torch.float64, device=self.device))
+        n = len(self.x_train)
+        orders = torch.stack([torch.randperm(n, generator=self._slot(i).gen) if i in live
+                              else torch.arange(n) for i in range(self.size)]).to(self.device)
+        train_loss = self._train_epoch(orders).tolist()
+        with torch.no_grad():
+            val_out = self._forward(self.flat, self.x_val, None)  # (N, V, outputs)
+        share = (time.perf_counter() - t0) / len(live)
+        reports = []
+        for i in live:
+            metrics = {"epoch": self._slot(i).epoch + 1, "train_loss": train_loss[i],
+                       **task_metrics(val_out[i], self.data.y_val, self.data.task,
+                                      self.data.y_mean, self.data.y_scale, "val_", False),
+                       "lr": lrs[i], "epoch_time_s": share}
+            self._end_epoch(i, metrics)
+            reports.append((i, metrics))
+        return reports
+
+    def _end_epoch(self, i: int, metrics: dict[str, Any]) -> None:
+        """fit's bookkeeping: divergence check, best epoch (Keras min_delta), early stop."""
+        s = self._slot(i)
+        s.epoch = metrics["epoch"]
+        s.history.append(dict(metrics))
+        for name in ("train_loss", "val_loss"):
+            if not math.isfinite(metrics[name]):
+                s.error = (f"train.lr: loss became {metrics[name]} at epoch {s.epoch} "
+                           f"(lr={metrics['lr']:g}); lower train.lr or set train.grad_clip")
+                self.stop(i, "diverged")
+                return
+        m = s.member
+        if metrics["val_loss"] < s.best_val_loss - m.min_delta:
+            s.best_val_loss, s.best_epoch, s.bad_epochs = metrics["val_loss"], s.epoch, 0
+            s.best_row = self.flat[i].detach().clone()
+        else:
+            s.bad_epochs += 1
+        s.stopped_early = m.patience is not None and s.bad_epochs >= m.patience
+        if s.stopped_early or s.epoch >= m.epochs:
+            self.stop(i, "finished")
+
+    def _train_epoch(self, orders: torch.Tensor) -> torch.Tensor:
+        """One pass of every member over its own order ``(N, n)``; mean losses ``(N,)``."""
+        x, y, bs = self.x_train, self.data.y_train, self.batch_size
+        clip = [s.member.grad_clip if s is not None and s.member.grad_clip is not None
+                else math.inf for s in self.slots]
+        clip_t = torch.tensor(clip, device=self.device) if any(map(math.isfinite, clip)) else None
+        total = torch.zeros(self.size, device=self.device)
+        for start in range(0, orders.shape[1], bs):
+            idx = orders[:, start:start + bs]  # (N, B)
+            out = self._forward(self.flat, x[idx], self._masks(idx.shape[1]))
+            loss = self._loss(out, y[idx])  # (N,)
+            self.flat.grad = None
+            loss.sum().backward()  # member i's loss reaches member i's row only
+            if clip_t is not None:
+                _clip_rows(self.flat.grad, clip_t)
+            self.opt.step(self.active)
+            total += loss.detach() * idx.shape[1]
+        return total / orders.shape[1]
+
+    def _forward(self, flat: torch.Tensor, x: torch.Tensor,
+                 masks: list[torch.Tensor | None] | None) -> torch.Tensor:
+        """``x`` (N, B, F) per member or (B, F) shared -> outputs (N, B, outputs)."""
+        h, off, last = x, 0, len(self.shapes) - 1
+        for layer, (n_out, n_in) in enumerate(self.shapes):
+            w = flat[:, off:off + n_out * n_in].view(-1, n_out, n_in)
+            b = flat[:, off + n_out * n_in:off + n_out * n_in + n_out]
+            off += n_out * n_in + n_out
+            h = torch.matmul(h, w.transpose(1, 2)) + b.unsqueeze(1) if h.dim() == 2 \
+                else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if layer < last:
+                h = self.act(h)
+                if masks is not None and masks[layer] is not None:
+                    h = h * masks[layer]
+        return h
+
+    def _masks(self, batch: int) -> list[torch.Tensor | None] | None:
+        """Each member's dropout masks ``(N, B, H)`` per hidden layer, from its own generator
+        in fit's order (layer by layer within a step); None when no member drops out."""
+        drops = [s.member.dropout if s is not None and s.status == "running" else 0.0
+                 for s in self.slots]
+        if not any(drops):
+            return None
+        masks: list[torch.Tensor | None] = []
+        for n_out, _ in self.shapes[:-1]:
+            ones = torch.ones(batch, n_out, device=self.device)
+            rows = [ones if p == 0 or s is None else
+                    torch.empty_like(ones).bernoulli_(1 - p, generator=s.drop_gen).div_(1 - p)
+                    for p, s in zip(drops, self.slots, strict=True)]
+            masks.append(torch.stack(rows))
+        return masks
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """fit's loss per member: cross-entropy or MSE (standardised), mean over the batch."""
+        if self.data.task == "classification":
+            per = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+            return per.view(y.shape).mean(1)
+        return (out.squeeze(-1) - y).square().mean(1)
+
+
+def _clip_rows(grad: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """``clip_grad_norm_`` per member: scale row i by min(1, max_norm_i / (norm_i + 1e-6))."""
+    coef = (max_norm / (grad.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    grad.mul_(coef.unsqueeze(1))
+
+
+def _linears(net: nn.Module) -> list[nn.Linear]:
+    return [m for m in net.modules() if isinstance(m, nn.Linear)]
+
+
+def _to_row(net: nn.Module) -> torch.Tensor:
+    """A network's Linear weights and biases, in order, as one flat row."""
+    return torch.cat([t.detach().reshape(-1) for lin in _linears(net)
+                      for t in (lin.weight, lin.bias)])
+
+
+def _from_row(net: nn.Module, row: torch.Tensor) -> None:
+    off = 0
+    with torch.no_grad():
+        for lin in _linears(net):
+            for t in (lin.weight, lin.bias):
+                t.copy_(row[off:off + t.numel()].view_as(t))
+                off += t.numel()
+
+
+def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, *,
+               size: int | None = None, on_epoch: OnMember | None = None) -> list[MemberResult]:
+    """Train ``members`` (``size`` at a time, default all) and return their results in order.
+
+    ``train`` gives what members share (batch_size, optimizer, device, threads); a member that
+    ends frees its slot for the next one waiting. ``on_epoch(key, metrics)`` returning True
+    stops that member, as a Tune scheduler would."""
+    cfg = TrainConfig.from_spec(train)
+    if torch.get_num_threads() != cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pack = Pack(model, data, size=size or len(members), batch_size=cfg.batch_size,
+                optimizer=cfg.optimizer, device=cfg.device)
+    waiting, results = list(enumerate(members)), [None] * len(members)
+    index: dict[int, int] = {}
+    while waiting or pack.running():
+        for slot in pack.free_slots():
+            if waiting and slot not in index:
+                index[slot], member = waiting.pop(0)
+                pack.add(member)
+        for slot, metrics in pack.run_epoch():
+            if on_epoch is not None and on_epoch(pack.slots[slot].member.key, dict(metrics)):
+                pack.stop(slot)
+        for slot in pack.free_slots():
+            if slot in index:
+                results[index.pop(slot)] = pack.result(slot)
+    return results  # type: ignore[return-value]
+
+
+__all__ = ["Member", "MemberResult", "Pack", "fit_packed", "pack_key"]
