@@ -257,15 +257,18 @@ class Pack:
                 else math.inf for s in self.slots]
         clip_t = torch.tensor(clip, device=self.device) if any(map(math.isfinite, clip)) else None
         total = torch.zeros(self.size, device=self.device)
+        all_active = len(self.running()) == self.size
         for start in range(0, orders.shape[1], bs):
             idx = orders[:, start:start + bs]  # (N, B)
-            out = self._forward(self.flat, x[idx], self._masks(idx.shape[1]))
-            loss = self._loss(out, y[idx])  # (N,)
+            flat_idx = idx.reshape(-1)
+            xb = x.index_select(0, flat_idx).view(*idx.shape, -1)  # (N, B, F)
+            out = self._forward(self.flat, xb, self._masks(idx.shape[1]))
+            loss = self._loss(out, y.index_select(0, flat_idx).view(idx.shape))  # (N,)
             self.flat.grad = None
             loss.sum().backward()  # member i's loss reaches member i's row only
             if clip_t is not None:
                 _clip_rows(self.flat.grad, clip_t)
-            self.opt.step(self.active)
+            self.opt.step(None if all_active else self.active)
             total += loss.detach() * idx.shape[1]
         return total / orders.shape[1]
 
@@ -292,13 +295,14 @@ class Pack:
                  for s in self.slots]
         if not any(drops):
             return None
+        keep = torch.tensor([1 - p for p in drops], device=self.device).view(-1, 1, 1)
         masks: list[torch.Tensor | None] = []
         for n_out, _ in self.shapes[:-1]:
-            ones = torch.ones(batch, n_out, device=self.device)
-            rows = [ones if p == 0 or s is None else
-                    torch.empty_like(ones).bernoulli_(1 - p, generator=s.drop_gen).div_(1 - p)
-                    for p, s in zip(drops, self.slots, strict=True)]
-            masks.append(torch.stack(rows))
+            mask = torch.ones(self.size, batch, n_out, device=self.device)  # (N, B, H)
+            for i, (p, s) in enumerate(zip(drops, self.slots, strict=True)):
+                if p > 0 and s is not None:  # fit's nn.Dropout on CPU: bernoulli_(1 - p)
+                    mask[i].bernoulli_(1 - p, generator=s.drop_gen)
+            masks.append(mask.div_(keep))
         return masks
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -363,3 +367,8 @@ def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, 
 
 
 __all__ = ["Member", "MemberResult", "Pack", "fit_packed", "pack_key"]
+
+
+def pack_pays(model: Any, batch_size: int, device: str | torch.device) -> bool:
+    """Provisional."""
+    return True

@@ -64,18 +64,20 @@ class PackedOptimizer:
         self.lr.copy_(lr)
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
-        """Update the rows where ``active`` (bool ``(N,)``) from ``param.grad``."""
+    def step(self, active: torch.Tensor | None = None) -> None:
+        """Update the rows where ``active`` (bool ``(N,)``; None: all rows) from ``param.grad``.
+
+        Rows left out keep their weights and state exactly (``torch.where``, so a nan in
+        their gradient goes nowhere)."""
         grad = self.param.grad
         if grad is None:
             raise RuntimeError("PackedOptimizer.step: param has no grad; call backward() first")
-        self.steps += active.to(torch.float64)
+        self.steps += 1 if active is None else active.to(torch.float64)
         new_p, new_buf, new_sq = (self._sgd(grad) if self.kind == "sgd" else self._adam(grad))
-        keep = active.unsqueeze(1)  # (N, 1)
-        self.param.copy_(torch.where(keep, new_p, self.param))
-        self.buf.copy_(torch.where(keep, new_buf, self.buf))
-        if self.sq is not None and new_sq is not None:
-            self.sq.copy_(torch.where(keep, new_sq, self.sq))
+        keep = None if active is None else active.unsqueeze(1)  # (N, 1)
+        for old, new in ((self.param, new_p), (self.buf, new_buf), (self.sq, new_sq)):
+            if old is not None and new is not None:
+                old.copy_(new if keep is None else torch.where(keep, new, old))
 
     def _col(self, values: torch.Tensor) -> torch.Tensor:
         """A float64 ``(N,)`` hyperparameter as an ``(N, 1)`` column in the param's dtype."""

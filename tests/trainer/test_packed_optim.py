@@ -25,7 +25,7 @@ def _run(kind: str, steps: int, active_at: list[list[bool]]) -> tuple[torch.Tens
     opts = [STOCK[kind](p, *h) for p, h in zip(singles, HYPER, strict=True)]
     for g, active in zip(grads, active_at, strict=True):
         flat.grad = g.clone()
-        packed.step(torch.tensor(active))
+        packed.step(None if all(active) else torch.tensor(active))
         for i, (p, opt) in enumerate(zip(singles, opts, strict=True)):
             if active[i]:
                 p.grad = g[i].clone()
