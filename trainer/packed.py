@@ -36,73 +36,11 @@ from torch import nn
 from trainer.loop import TensorData, TrainConfig, resolve_device
 from trainer.metrics import task_metrics
 from trainer.models import ModelConfig, build_model, make_activation
+from trainer.pack_member import Member, MemberResult, pack_key, pack_pays
 from trainer.packed_optim import PackedOptimizer
 
 OnMember = Callable[[Any, dict[str, Any]], bool | None]
 """``on_epoch(key, metrics)``; return True to stop that member (a scheduler's decision)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class Member:
-    """What one member (one trial) of a pack has of its own; defaults as ``TrainConfig``."""
-
-    key: Any = None
-    """The caller's name for the member (a trial id); reported back with its results."""
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    dropout: float = 0.0
-    seed: int = 0
-    epochs: int = 30
-    patience: int | None = None
-    min_delta: float = 0.0
-    grad_clip: float | None = None
-    lr_schedule: str = "none"
-    step_size: int = 10
-    gamma: float = 0.1
-
-    @classmethod
-    def from_spec(cls, model: Any, train: Any, key: Any = None) -> Member:
-        """From the spec's ``model`` and ``train`` sections (duck-typed, as ``fit`` reads them)."""
-        cfg, stop = TrainConfig.from_spec(train), getattr(train, "early_stopping", None)
-        return cls(key=key, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                   dropout=ModelConfig.from_spec(model).dropout, seed=cfg.seed,
-                   epochs=cfg.epochs, grad_clip=cfg.grad_clip, lr_schedule=cfg.lr_schedule,
-                   step_size=cfg.step_size, gamma=cfg.gamma,
-                   patience=None if stop is None else int(stop.patience),
-                   min_delta=float(getattr(stop, "min_delta", 0.0) or 0.0))
-
-    def lr_at(self, epoch: int) -> float:
-        """The lr of 0-based ``epoch`` (``make_scheduler``'s schedules, closed form)."""
-        if self.lr_schedule == "cosine":
-            return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
-        if self.lr_schedule == "step":
-            return self.lr * self.gamma ** (epoch // self.step_size)
-        return self.lr
-
-
-def pack_key(model: Any, train: Any) -> tuple[Any, ...]:
-    """What members of one pack must share: trials with equal keys can be packed."""
-    m, t = ModelConfig.from_spec(model), TrainConfig.from_spec(train)
-    return (m.kind, tuple(int(h) for h in m.hidden), m.activation, t.batch_size, t.optimizer,
-            t.device, t.threads)
-
-
-@dataclass
-class MemberResult:
-    """A member's run, as ``trainer.loop.FitResult`` reports one, plus how it ended."""
-
-    key: Any
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best_val_loss: float
-    epochs_run: int
-    stopped_early: bool
-    status: str
-    """finished | stopped (by the caller) | diverged"""
-    error: str | None
-    model: nn.Module | None
-    """A ``build_model`` network with the best epoch's weights (None before any epoch)."""
 
 
 @dataclass
@@ -119,6 +57,9 @@ class _Slot:
     status: str = "running"
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+_RESUMED = ("epoch", "best_val_loss", "best_epoch", "bad_epochs", "stopped_early", "history")
 
 
 class Pack:
@@ -154,8 +95,9 @@ class Pack:
     def running(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is not None and s.status == "running"]
 
-    def add(self, member: Member) -> int:
-        """Put ``member`` into a free slot (its weights, optimiser state, RNGs fresh)."""
+    def add(self, member: Member, checkpoint: dict[str, Any] | None = None) -> int:
+        """Put ``member`` into a free slot: fresh (weights from ``build_model``, optimiser
+        state zero, RNGs seeded), or where ``checkpoint`` (from ``checkpoint``) left it."""
         free = self.free_slots()
         if not free:
             raise RuntimeError(f"pack: all {self.size} slots are running; stop one first")
@@ -168,9 +110,36 @@ class Pack:
             self.flat[slot] = _to_row(net).to(self.device)
         self.opt.set_member(slot, member.lr, member.weight_decay, member.momentum)
         drop_gen = torch.Generator(self.device).manual_seed(member.seed)
-        self.slots[slot] = _Slot(member, torch.Generator().manual_seed(member.seed), drop_gen)
+        self.slots[slot] = s = _Slot(member, torch.Generator().manual_seed(member.seed),
+                                     drop_gen)
         self.active[slot] = True
+        if checkpoint is not None:
+            self._restore(slot, s, checkpoint)
         return slot
+
+    def checkpoint(self, slot: int) -> dict[str, Any]:
+        """One member's state after its last epoch (weights, optimiser rows, both RNGs, early
+        stopping, history), on the CPU: ``add(member, checkpoint)`` resumes it in any pack."""
+        s = self._slot(slot)
+        best = None if s.best_row is None else s.best_row.cpu().clone()
+        return {"row": self.flat[slot].detach().cpu().clone(),
+                "opt": self.opt.member_state(slot), "gen": s.gen.get_state(),
+                "drop_gen": s.drop_gen.get_state().cpu(), "best_row": best,
+                **{k: getattr(s, k) for k in _RESUMED if k != "history"},
+                "history": [dict(h) for h in s.history]}
+
+    def _restore(self, slot: int, s: _Slot, ckpt: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.flat[slot] = ckpt["row"].to(self.device)
+        self.opt.load_member_state(slot, ckpt["opt"])
+        s.gen.set_state(ckpt["gen"])
+        s.drop_gen.set_state(ckpt["drop_gen"])
+        s.best_row = None if ckpt["best_row"] is None else ckpt["best_row"].to(self.device)
+        for key in _RESUMED:
+            setattr(s, key, ckpt[key])
+        s.history = [dict(h) for h in ckpt["history"]]
+        if s.stopped_early or s.epoch >= s.member.epochs:
+            self.stop(slot, "finished")
 
     def stop(self, slot: int, status: str = "stopped") -> None:
         """Mask ``slot`` out of training (a scheduler stopped it); its slot becomes free."""
@@ -366,9 +335,5 @@ def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, 
     return results  # type: ignore[return-value]
 
 
-__all__ = ["Member", "MemberResult", "Pack", "fit_packed", "pack_key"]
+__all__ = ["Member", "MemberResult", "Pack", "fit_packed", "pack_key", "pack_pays"]
 
-
-def pack_pays(model: Any, batch_size: int, device: str | torch.device) -> bool:
-    """Provisional."""
-    return True

@@ -109,6 +109,18 @@ class PackedOptimizer:
         denom = v.sqrt() / self._col(bc2_sqrt) + EPS
         return p + self._col(-step_size) * m / denom, m, v
 
+    def member_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """``slot``'s row of the state (a member's own checkpoint), copied to the CPU."""
+        rows = {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,
+                "steps": self.steps, "buf": self.buf, "sq": self.sq}
+        return {k: v[slot].detach().cpu().clone() for k, v in rows.items() if v is not None}
+
+    def load_member_state(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            row = getattr(self, key)
+            if row is not None:
+                row[slot] = value.to(row.device)
+
     def state_dict(self) -> dict[str, Any]:
         out = {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay,
                "momentum": self.momentum, "steps": self.steps, "buf": self.buf}

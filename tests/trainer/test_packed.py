@@ -108,3 +108,24 @@ def test_pack_refuses_a_sixth_member_and_a_cnn() -> None:
         Pack(_model(kind="cnn"), data, size=2, batch_size=16)
     assert pack_key(_model(), _train()) == pack_key(_model(dropout=0.3), _train(lr=5.0, seed=9))
     assert pack_key(_model(), _train()) != pack_key(_model(hidden=[8]), _train())
+
+
+def test_a_member_checkpointed_in_one_pack_resumes_in_another_as_if_uninterrupted() -> None:
+    data, model = _data("classification"), _model()
+    member = Member(key="m", lr=1e-2, seed=3, epochs=4, dropout=0.2, patience=3)
+    whole = fit_packed(model, data, [member], _train())[0]
+    first = Pack(model, data, size=2, batch_size=32)
+    slot = first.add(member)
+    first.add(Member(lr=5e-3, seed=9, epochs=4))
+    first.run_epoch()
+    first.run_epoch()
+    ckpt = first.checkpoint(slot)
+    second = Pack(model, data, size=3, batch_size=32)
+    second.add(Member(lr=1e-3, seed=1, epochs=4))  # other company, another slot
+    moved = second.add(member, ckpt)
+    while second.running():
+        second.run_epoch()
+    got = second.result(moved)
+    assert got.epochs_run == 4 and got.status == "finished"
+    assert [h["val_loss"] for h in got.history] == pytest.approx(
+        [h["val_loss"] for h in whole.history], rel=1e-6)
