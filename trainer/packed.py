@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -81,7 +82,9 @@ class Pack:
                   data.n_outputs]
         self.shapes = list(zip(widths[1:], widths[:-1], strict=True))  # (out, in) per layer
         n_params = sum(o * i + o for o, i in self.shapes)
-        self.flat = torch.zeros(size, n_params, device=self.device, requires_grad=True)
+        self.flat = torch.zeros(size, n_params, device=self.device)  # (N, P): row i = member i
+        self.flat.grad = torch.zeros_like(self.flat)
+        self.params = self._leaves()
         self.opt = PackedOptimizer(self.flat, optimizer)
         self.act = make_activation(self.model_cfg.activation)
         self.slots: list[_Slot | None] = [None] * size
@@ -186,7 +189,7 @@ class Pack:
                               else torch.arange(n) for i in range(self.size)]).to(self.device)
         train_loss = self._train_epoch(orders).tolist()
         with torch.no_grad():
-            val_out = self._forward(self.flat, self.x_val, None)  # (N, V, outputs)
+            val_out = self._forward(self.x_val, None)  # (N, V, outputs)
         share = (time.perf_counter() - t0) / len(live)
         reports = []
         for i in live:
@@ -231,24 +234,37 @@ class Pack:
             idx = orders[:, start:start + bs]  # (N, B)
             flat_idx = idx.reshape(-1)
             xb = x.index_select(0, flat_idx).view(*idx.shape, -1)  # (N, B, F)
-            out = self._forward(self.flat, xb, self._masks(idx.shape[1]))
+            out = self._forward(xb, self._masks(idx.shape[1]))
             loss = self._loss(out, y.index_select(0, flat_idx).view(idx.shape))  # (N,)
-            self.flat.grad = None
-            loss.sum().backward()  # member i's loss reaches member i's row only
+            self.flat.grad.zero_()
+            with warnings.catch_warnings():  # the leaves' grads are strided views, on purpose
+                warnings.filterwarnings("ignore", "grad and param do not obey")
+                loss.sum().backward()  # member i's loss reaches member i's row only
             if clip_t is not None:
                 _clip_rows(self.flat.grad, clip_t)
             self.opt.step(None if all_active else self.active)
             total += loss.detach() * idx.shape[1]
         return total / orders.shape[1]
 
-    def _forward(self, flat: torch.Tensor, x: torch.Tensor,
-                 masks: list[torch.Tensor | None] | None) -> torch.Tensor:
+    def _leaves(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(W (N, out, in), b (N, out))``: views of ``flat`` that autograd treats
+        as leaves, their ``.grad`` views of ``flat.grad``, so one backward accumulates every
+        gradient in place into ``flat.grad`` and the optimiser updates ``flat`` in place."""
+        out, off = [], 0
+        for n_out, n_in in self.shapes:
+            views = []
+            for numel, shape in ((n_out * n_in, (-1, n_out, n_in)), (n_out, (-1, n_out))):
+                t = self.flat[:, off:off + numel].view(shape).requires_grad_()
+                t.grad = self.flat.grad[:, off:off + numel].view(shape)  # type: ignore[index]
+                views.append(t)
+                off += numel
+            out.append((views[0], views[1]))
+        return out
+
+    def _forward(self, x: torch.Tensor, masks: list[torch.Tensor | None] | None) -> torch.Tensor:
         """``x`` (N, B, F) per member or (B, F) shared -> outputs (N, B, outputs)."""
-        h, off, last = x, 0, len(self.shapes) - 1
-        for layer, (n_out, n_in) in enumerate(self.shapes):
-            w = flat[:, off:off + n_out * n_in].view(-1, n_out, n_in)
-            b = flat[:, off + n_out * n_in:off + n_out * n_in + n_out]
-            off += n_out * n_in + n_out
+        h, last = x, len(self.params) - 1
+        for layer, (w, b) in enumerate(self.params):
             h = torch.matmul(h, w.transpose(1, 2)) + b.unsqueeze(1) if h.dim() == 2 \
                 else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if layer < last:
