@@ -78,6 +78,49 @@ class MemberResult:
     """A ``build_model`` network with the best epoch's weights (None before any epoch)."""
 
 
+
+CPU_MAX_WIDTH = 128
+CPU_MAX_WIDTH_X_BATCH = 65_536
+CUDA_MAX_WIDTH_X_BATCH = 4_194_304  # not measured: see pack_pays
+
+
 def pack_pays(model: Any, batch_size: int, device: str | torch.device) -> bool:
-    """Provisional."""
-    return True
+    """Whether N members of ``model`` at ``batch_size`` train faster packed than one by one.
+
+    The rule on a CPU: pack an MLP when its widest hidden layer has at most 128 units and
+    widest x batch_size <= 65,536 (e.g. [128, 64] at 512, [64] at 1024, [32] at 2048).
+
+    Measured (``benchmarks/bench_pack.py`` and a sweep of widths x batch sizes; adult, 110
+    inputs, 8 members, AdamW, no dropout, one thread, CPU time; speed-up = sequential
+    ``fit`` / packed): the gain is the per-step overhead saved (launches, Python, the
+    optimiser's per-tensor loop), so it falls as the work per step (width x batch) grows,
+    and it falls faster for wide layers, where batched matmuls are less efficient per flop:
+
+    ====================  =====  =====  =====  =====  ======
+    hidden \\ batch          64    128    256    512   1024
+    [32]                  4.4           3.0           1.8
+    [64]                  3.7    ???    2.1    1.7
+    [128]                        1.9           1.2
+    [128, 64]                    1.6    1.4    1.3    1.03
+    [256]                 1.35          1.2    1.03
+    [256, 128]                   0.96          ~1.0
+    ====================  =====  =====  =====  =====  ======
+
+    The rule packs every cell above 1.2 with width <= 128 and none at or below 1.03; it leaves
+    [256] at 64 (1.35) unpacked to stay clear of [256, 128], which does not pay.
+
+    On CUDA (not measured here: no GPU on the build machines) each step of these models is
+    launch-bound, so packing should pay up to far more work per step: pack while widest x
+    batch_size <= 4,194,304 (e.g. [1024] at 4096); the GPU run of ``bench_pack.py`` is what
+    should set this bound. Other devices, and CNNs: never.
+    """
+    cfg = ModelConfig.from_spec(model)
+    if cfg.kind != "mlp":
+        return False
+    widest = max((int(h) for h in cfg.hidden), default=0)
+    kind = torch.device(device).type if isinstance(device, str) else device.type
+    if kind == "cpu":
+        return widest <= CPU_MAX_WIDTH and widest * batch_size <= CPU_MAX_WIDTH_X_BATCH
+    if kind == "cuda":
+        return widest * batch_size <= CUDA_MAX_WIDTH_X_BATCH
+    return False

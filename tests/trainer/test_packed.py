@@ -11,7 +11,7 @@ import torch
 
 from trainer.loop import TensorData, fit
 from trainer.models import build_model
-from trainer.packed import Member, Pack, fit_packed, pack_key
+from trainer.packed import Member, Pack, fit_packed, pack_key, pack_pays
 
 TOL = {"rtol": 2e-5, "atol": 2e-6}
 
@@ -129,3 +129,12 @@ def test_a_member_checkpointed_in_one_pack_resumes_in_another_as_if_uninterrupte
     assert got.epochs_run == 4 and got.status == "finished"
     assert [h["val_loss"] for h in got.history] == pytest.approx(
         [h["val_loss"] for h in whole.history], rel=1e-6)
+
+
+def test_pack_pays_follows_the_measured_rule() -> None:
+    cpu = {((32,), 64): True, ((64,), 128): True, ((128, 64), 512): True,
+           ((128, 64), 1024): False, ((256,), 64): False, ((256, 128), 128): False}
+    for (hidden, batch), expected in cpu.items():
+        assert pack_pays(_model(hidden=list(hidden)), batch, "cpu") is expected, (hidden, batch)
+    assert pack_pays(_model(hidden=[256, 128]), 128, "cuda") is True
+    assert pack_pays(_model(kind="cnn"), 64, "cpu") is False
