@@ -85,7 +85,7 @@ def step_vmap_vs_bmm(data: TensorData, hidden: list[int], batch: int, reps: int 
 
     model = NS(kind="mlp", hidden=hidden, activation="relu", dropout=0.0)
     nets = [build_model(model, data.input_shape, data.n_outputs, seed=i) for i in range(MEMBERS)]
-    params, _ = stack_module_state(nets)  # type: ignore[arg-type]
+    params, _ = stack_module_state(nets)
     base = nets[0]
     idx = torch.randint(len(data.x_train), (MEMBERS, batch))
     x, y = data.x_train[idx], data.y_train[idx]  # (N, B, F), (N, B)
@@ -102,7 +102,7 @@ def step_vmap_vs_bmm(data: TensorData, hidden: list[int], batch: int, reps: int 
         F.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
 
     def run_bmm() -> None:
-        pack.flat.grad.zero_()  # type: ignore[union-attr]
+        pack.grad.zero_()
         pack._loss(pack._forward(x, None), y).sum().backward()
 
     times: dict[str, list[float]] = {"vmap": [], "bmm": []}

@@ -83,7 +83,7 @@ class Pack:
         self.shapes = list(zip(widths[1:], widths[:-1], strict=True))  # (out, in) per layer
         n_params = sum(o * i + o for o, i in self.shapes)
         self.flat = torch.zeros(size, n_params, device=self.device)  # (N, P): row i = member i
-        self.flat.grad = torch.zeros_like(self.flat)
+        self.grad = self.flat.grad = torch.zeros_like(self.flat)
         self.params = self._leaves()
         self.opt = PackedOptimizer(self.flat, optimizer)
         self.act = make_activation(self.model_cfg.activation)
@@ -236,12 +236,12 @@ class Pack:
             xb = x.index_select(0, flat_idx).view(*idx.shape, -1)  # (N, B, F)
             out = self._forward(xb, self._masks(idx.shape[1]))
             loss = self._loss(out, y.index_select(0, flat_idx).view(idx.shape))  # (N,)
-            self.flat.grad.zero_()
+            self.grad.zero_()
             with warnings.catch_warnings():  # the leaves' grads are strided views, on purpose
                 warnings.filterwarnings("ignore", "grad and param do not obey")
                 loss.sum().backward()  # member i's loss reaches member i's row only
             if clip_t is not None:
-                _clip_rows(self.flat.grad, clip_t)
+                _clip_rows(self.grad, clip_t)
             self.opt.step(None if all_active else self.active)
             total += loss.detach() * idx.shape[1]
         return total / orders.shape[1]
@@ -255,7 +255,7 @@ class Pack:
             views = []
             for numel, shape in ((n_out * n_in, (-1, n_out, n_in)), (n_out, (-1, n_out))):
                 t = self.flat[:, off:off + numel].view(shape).requires_grad_()
-                t.grad = self.flat.grad[:, off:off + numel].view(shape)  # type: ignore[index]
+                t.grad = self.grad[:, off:off + numel].view(shape)
                 views.append(t)
                 off += numel
             out.append((views[0], views[1]))
@@ -335,7 +335,8 @@ def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, 
         torch.set_num_threads(cfg.threads)
     pack = Pack(model, data, size=size or len(members), batch_size=cfg.batch_size,
                 optimizer=cfg.optimizer, device=cfg.device)
-    waiting, results = list(enumerate(members)), [None] * len(members)
+    waiting = list(enumerate(members))
+    results: list[MemberResult | None] = [None] * len(members)
     index: dict[int, int] = {}
     while waiting or pack.running():
         for slot in pack.free_slots():
@@ -343,12 +344,14 @@ def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, 
                 index[slot], member = waiting.pop(0)
                 pack.add(member)
         for slot, metrics in pack.run_epoch():
-            if on_epoch is not None and on_epoch(pack.slots[slot].member.key, dict(metrics)):
+            if on_epoch is not None and on_epoch(pack._slot(slot).member.key, dict(metrics)):
                 pack.stop(slot)
         for slot in pack.free_slots():
             if slot in index:
                 results[index.pop(slot)] = pack.result(slot)
-    return results  # type: ignore[return-value]
+    done = [r for r in results if r is not None]
+    assert len(done) == len(members), "fit_packed: a member left without a result"
+    return done
 
 
 __all__ = ["Member", "MemberResult", "Pack", "fit_packed", "pack_key", "pack_pays"]

@@ -42,11 +42,11 @@ class PackedOptimizer:
                              f"got {tuple(param.shape)}")
         n = param.shape[0]
         self.param, self.kind = param, kind
-        f64 = {"dtype": torch.float64, "device": param.device}
-        self.lr = torch.zeros(n, **f64)
-        self.weight_decay = torch.zeros(n, **f64)
-        self.momentum = torch.zeros(n, **f64)
-        self.steps = torch.zeros(n, **f64)
+        f64, dev = torch.float64, param.device
+        self.lr = torch.zeros(n, dtype=f64, device=dev)
+        self.weight_decay = torch.zeros(n, dtype=f64, device=dev)
+        self.momentum = torch.zeros(n, dtype=f64, device=dev)
+        self.steps = torch.zeros(n, dtype=f64, device=dev)
         self.buf = torch.zeros_like(param)  # SGD momentum / Adam first moment
         self.sq = torch.zeros_like(param) if kind != "sgd" else None  # Adam second moment
 
