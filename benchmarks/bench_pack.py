@@ -102,8 +102,7 @@ def step_vmap_vs_bmm(data: TensorData, hidden: list[int], batch: int, reps: int 
         F.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
 
     def run_bmm() -> None:
-        pack.grad.zero_()
-        pack._loss(pack._forward(x, None), y).sum().backward()
+        pack.net.backward(pack.net.loss(pack.net.forward(x, None), y))
 
     times: dict[str, list[float]] = {"vmap": [], "bmm": []}
     for _ in range(3):

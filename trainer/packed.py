@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from trainer.loop import TensorData, TrainConfig, resolve_device
 from trainer.metrics import task_metrics
-from trainer.models import ModelConfig, build_model, make_activation
+from trainer.models import EVAL_BATCH, ModelConfig, build_model
 from trainer.pack_member import Member, MemberResult, pack_key, pack_pays
+from trainer.packed_net import PackedMLP, from_row, to_row
 from trainer.packed_optim import PackedOptimizer
 
 OnMember = Callable[[Any, dict[str, Any]], bool | None]
@@ -80,13 +78,9 @@ class Pack:
         self.x_train, self.x_val = flat
         widths = [self.x_train.shape[1], *(int(h) for h in self.model_cfg.hidden),
                   data.n_outputs]
-        self.shapes = list(zip(widths[1:], widths[:-1], strict=True))  # (out, in) per layer
-        n_params = sum(o * i + o for o, i in self.shapes)
-        self.flat = torch.zeros(size, n_params, device=self.device)  # (N, P): row i = member i
-        self.grad = self.flat.grad = torch.zeros_like(self.flat)
-        self.params = self._leaves()
+        self.net = PackedMLP(widths, self.model_cfg.activation, size, self.device, data.task)
+        self.flat, self.grad = self.net.flat, self.net.grad
         self.opt = PackedOptimizer(self.flat, optimizer)
-        self.act = make_activation(self.model_cfg.activation)
         self.slots: list[_Slot | None] = [None] * size
         self.active = torch.zeros(size, dtype=torch.bool, device=self.device)
 
@@ -110,7 +104,7 @@ class Pack:
         net = build_model(replace(self.model_cfg, dropout=member.dropout),
                           self.data.input_shape, self.data.n_outputs, seed=member.seed)
         with torch.no_grad():
-            self.flat[slot] = _to_row(net).to(self.device)
+            self.flat[slot] = to_row(net).to(self.device)
         self.opt.set_member(slot, member.lr, member.weight_decay, member.momentum)
         drop_gen = torch.Generator(self.device).manual_seed(member.seed)
         self.slots[slot] = s = _Slot(member, torch.Generator().manual_seed(member.seed),
@@ -158,7 +152,7 @@ class Pack:
         if s.best_row is not None:
             net = build_model(replace(self.model_cfg, dropout=s.member.dropout),
                               self.data.input_shape, self.data.n_outputs, seed=s.member.seed)
-            _from_row(net, s.best_row)
+            from_row(net, s.best_row)
         return MemberResult(key=s.member.key, history=list(s.history), best_epoch=s.best_epoch,
                             best_val_loss=s.best_val_loss, epochs_run=s.epoch,
                             stopped_early=s.stopped_early, status=s.status, error=s.error,
@@ -188,8 +182,9 @@ class Pack:
         orders = torch.stack([torch.randperm(n, generator=self._slot(i).gen) if i in live
                               else torch.arange(n) for i in range(self.size)]).to(self.device)
         train_loss = self._train_epoch(orders).tolist()
-        with torch.no_grad():
-            val_out = self._forward(self.x_val, None)  # (N, V, outputs)
+        with torch.no_grad():  # in chunks, as forward_batched: (N, chunk, H) stays small
+            val_out = torch.cat([self.net.forward(self.x_val[i:i + EVAL_BATCH], None)
+                                 for i in range(0, len(self.x_val), EVAL_BATCH)], dim=1)
         share = (time.perf_counter() - t0) / len(live)
         reports = []
         for i in live:
@@ -234,93 +229,18 @@ class Pack:
             idx = orders[:, start:start + bs]  # (N, B)
             flat_idx = idx.reshape(-1)
             xb = x.index_select(0, flat_idx).view(*idx.shape, -1)  # (N, B, F)
-            out = self._forward(xb, self._masks(idx.shape[1]))
-            loss = self._loss(out, y.index_select(0, flat_idx).view(idx.shape))  # (N,)
-            self.grad.zero_()
-            with warnings.catch_warnings():  # the leaves' grads are strided views, on purpose
-                warnings.filterwarnings("ignore", "grad and param do not obey")
-                loss.sum().backward()  # member i's loss reaches member i's row only
-            if clip_t is not None:
-                _clip_rows(self.grad, clip_t)
+            out = self.net.forward(xb, self._masks(idx.shape[1]))
+            loss = self.net.loss(out, y.index_select(0, flat_idx).view(idx.shape))  # (N,)
+            self.net.backward(loss, clip_t)
             self.opt.step(None if all_active else self.active)
             total += loss.detach() * idx.shape[1]
         return total / orders.shape[1]
 
-    def _leaves(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer ``(W (N, out, in), b (N, out))``: views of ``flat`` that autograd treats
-        as leaves, their ``.grad`` views of ``flat.grad``, so one backward accumulates every
-        gradient in place into ``flat.grad`` and the optimiser updates ``flat`` in place."""
-        out, off = [], 0
-        for n_out, n_in in self.shapes:
-            views = []
-            for numel, shape in ((n_out * n_in, (-1, n_out, n_in)), (n_out, (-1, n_out))):
-                t = self.flat[:, off:off + numel].view(shape).requires_grad_()
-                t.grad = self.grad[:, off:off + numel].view(shape)
-                views.append(t)
-                off += numel
-            out.append((views[0], views[1]))
-        return out
-
-    def _forward(self, x: torch.Tensor, masks: list[torch.Tensor | None] | None) -> torch.Tensor:
-        """``x`` (N, B, F) per member or (B, F) shared -> outputs (N, B, outputs)."""
-        h, last = x, len(self.params) - 1
-        for layer, (w, b) in enumerate(self.params):
-            h = torch.matmul(h, w.transpose(1, 2)) + b.unsqueeze(1) if h.dim() == 2 \
-                else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            if layer < last:
-                h = self.act(h)
-                if masks is not None and masks[layer] is not None:
-                    h = h * masks[layer]
-        return h
-
-    def _masks(self, batch: int) -> list[torch.Tensor | None] | None:
-        """Each member's dropout masks ``(N, B, H)`` per hidden layer, from its own generator
-        in fit's order (layer by layer within a step); None when no member drops out."""
+    def _masks(self, batch: int) -> list[torch.Tensor] | None:
         drops = [s.member.dropout if s is not None and s.status == "running" else 0.0
                  for s in self.slots]
-        if not any(drops):
-            return None
-        keep = torch.tensor([1 - p for p in drops], device=self.device).view(-1, 1, 1)
-        masks: list[torch.Tensor | None] = []
-        for n_out, _ in self.shapes[:-1]:
-            mask = torch.ones(self.size, batch, n_out, device=self.device)  # (N, B, H)
-            for i, (p, s) in enumerate(zip(drops, self.slots, strict=True)):
-                if p > 0 and s is not None:  # fit's nn.Dropout on CPU: bernoulli_(1 - p)
-                    mask[i].bernoulli_(1 - p, generator=s.drop_gen)
-            masks.append(mask.div_(keep))
-        return masks
-
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """fit's loss per member: cross-entropy or MSE (standardised), mean over the batch."""
-        if self.data.task == "classification":
-            per = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
-            return per.view(y.shape).mean(1)
-        return (out.squeeze(-1) - y).square().mean(1)
-
-
-def _clip_rows(grad: torch.Tensor, max_norm: torch.Tensor) -> None:
-    """``clip_grad_norm_`` per member: scale row i by min(1, max_norm_i / (norm_i + 1e-6))."""
-    coef = (max_norm / (grad.norm(dim=1) + 1e-6)).clamp(max=1.0)
-    grad.mul_(coef.unsqueeze(1))
-
-
-def _linears(net: nn.Module) -> list[nn.Linear]:
-    return [m for m in net.modules() if isinstance(m, nn.Linear)]
-
-
-def _to_row(net: nn.Module) -> torch.Tensor:
-    """A network's Linear weights and biases, in order, as one flat row."""
-    return torch.cat([t.detach().reshape(-1) for lin in _linears(net)
-                      for t in (lin.weight, lin.bias)])
-
-
-def _from_row(net: nn.Module, row: torch.Tensor) -> None:
-    off = 0
-    with torch.no_grad():
-        for lin in _linears(net):
-            for t in (lin.weight, lin.bias):
-                t.copy_(row[off:off + t.numel()].view_as(t))
-                off += t.numel()
+        gens = [None if s is None else s.drop_gen for s in self.slots]
+        return self.net.masks(drops, gens, batch)
 
 
 def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, *,
