@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import RungwiseError
+from tuning.drift import DriftSpec
 
 MAX_SPEC_BYTES = 1_000_000
 MAX_SPEC_DEPTH = 32
@@ -240,6 +241,8 @@ class ScheduleSpec(_Strict):
     cron: str | None = None
     retrain: Literal["sweep", "refit"] = "sweep"
     promote_if_better_by: float = Field(0.0, ge=0)
+    trigger: Literal["always", "drift"] = "always"
+    drift: DriftSpec = Field(default_factory=DriftSpec)
 
     @field_validator("cron")
     @classmethod
