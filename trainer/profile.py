@@ -32,6 +32,8 @@ QUANTILES = 200
 MAX_CATEGORIES = 100
 NUMBER_BUDGET = 100_000
 """At most about this many stored numbers over all columns: the file stays small."""
+MAX_BYTES = 64 * 2**20
+"""A larger profile.json is not one rungwise wrote (categories are bounded, numbers too)."""
 
 
 class ProfileError(ValueError):
@@ -102,6 +104,9 @@ def load(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / NAME
     if not path.is_file():
         return None
+    if path.stat().st_size > MAX_BYTES:
+        raise ProfileError(f"model artifact: {NAME} is {path.stat().st_size:,} bytes; rungwise "
+                           f"writes at most a few MB")
     try:
         doc = json.loads(path.read_text())
     except ValueError:
