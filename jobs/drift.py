@@ -48,10 +48,17 @@ def reference(uri: str, name: str, alias: str) -> Reference | None:
     if version is None:
         return None
     mlflow.set_tracking_uri(uri)
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    # only profile.json is fetched: nothing else of the artifact is read or even copied
+    repo = ModelsArtifactRepository(f"models:/{name}@{alias}")
+    found = {Path(f.path).name for f in repo.list_artifacts("artifacts/bundle")}
+    if profile.NAME not in found:
+        return Reference(name, alias, str(version.version), None)
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=tmp)
+        local = repo.download_artifacts(f"artifacts/bundle/{profile.NAME}", dst_path=tmp)
         try:
-            prof = profile.load(Path(local) / "artifacts" / "bundle")
+            prof = profile.load(Path(local).parent)
         except profile.ProfileError as exc:
             raise UserError(f"{name}@{alias}: {exc}") from None
     return Reference(name, alias, str(version.version), prof)
@@ -163,12 +170,17 @@ class Precheck:
 
 def before_retrain(spec: Any, name: str) -> Precheck:
     """Quality gate, then (``trigger: drift``) the comparison with the champion."""
-    from trainer.data import read_table
+    from trainer.data import detect_format, read_table
     from tuning.drift import compare, table
     from tuning.tracking import check_reachable, resolve_tracking_uri
 
-    frame = read_table(spec.data)  # a broken file fails here, before the registry is touched
     uri = resolve_tracking_uri(spec.tracking.uri)
+    if detect_format(str(spec.data.path), spec.data.format) == "npz":  # images: no profile
+        if spec.schedule.trigger == "drift":
+            print(f"rungwise retrain {spec.name}: trigger drift: drift checks compare table "
+                  "columns, not images; retraining", flush=True)
+        return Precheck(uri, tags={"rungwise.trigger": spec.schedule.trigger})
+    frame = read_table(spec.data)  # a broken file fails here, before the registry is touched
     check_reachable(uri)
     ref = reference(uri, name, "champion")
     gate(spec, uri, frame, ref)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.errors import RungwiseError
+
 FORMAT = "rungwise-profile"
 VERSION = 1
 NAME = "profile.json"
@@ -36,7 +38,7 @@ MAX_BYTES = 64 * 2**20
 """A larger profile.json is not one rungwise wrote (categories are bounded, numbers too)."""
 
 
-class ProfileError(ValueError):
+class ProfileError(RungwiseError):
     """A profile file that rungwise did not write."""
 
 

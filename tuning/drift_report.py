@@ -68,6 +68,9 @@ def write_png(report: DriftReport, th: DriftSpec, title: str, path: Path) -> Non
         colors = ["#b00020" if c.drifted else ("#999999" if not c.used else "#3a6ea5")
                   for c in judged]
         ax.barh(names, [c.psi or 0.0 for c in judged], color=colors)
+        for i, c in enumerate(judged):  # why a column drifted, next to its bar
+            if c.moved:
+                ax.text(c.psi or 0.0, i, "  " + ", ".join(c.reasons), va="center", fontsize=7)
         ax.axvline(th.psi, color="black", linestyle="--", label=f"psi threshold {th.psi:g}")
         ax.invert_yaxis()
         ax.set_xlabel("population stability index")
