@@ -64,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_commands(sub: Any) -> None:
-    """submit / jobs (jobs/commands.py) and retrain / schedule (jobs/retrain_cli.py)."""
+    """submit / jobs (jobs/commands.py), retrain / schedule (jobs/retrain_cli.py), drift
+    (jobs/drift_cli.py)."""
     import importlib
 
-    for name in ("jobs.commands", "jobs.retrain_cli"):
+    for name in ("jobs.commands", "jobs.retrain_cli", "jobs.drift_cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

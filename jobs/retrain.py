@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from jobs.drift import Skipped
     from tuning.storage import StoragePath
 
 CRASH_HOOK = "RUNGWISE_TEST_CRASH_BEFORE_PROMOTE"
@@ -309,7 +310,7 @@ def promote(cl: Any, name: str, version: str) -> None:
 
 
 def retrain(spec: Any, *, wait: bool = False, address: str | None = None,
-            quiet: bool = False) -> RetrainResult:
+            quiet: bool = False) -> RetrainResult | Skipped:
     """Lock, validate the data, train a challenger, gate it, promote it if it earned it."""
     from trainer.errors import UserError
 
@@ -318,7 +319,14 @@ def retrain(spec: Any, *, wait: bool = False, address: str | None = None,
         raise UserError("tracking.register_as: retrain needs a registered model name; "
                         "set tracking.register_as in the spec")
     with retrain_lock(spec, wait):
-        return _retrain_locked(spec, name, address, quiet)
+        from jobs.drift import before_retrain  # quality gate; schedule.trigger: drift
+
+        check = before_retrain(spec, name)
+        if check.skipped is not None:
+            return check.skipped
+        result = _retrain_locked(spec, name, address, quiet)
+        check.attach(result.run_id, spec)
+        return result
 
 
 def _retrain_locked(spec: Any, name: str, address: str | None, quiet: bool) -> RetrainResult:
@@ -414,5 +422,10 @@ def retrain_command(spec: Any, wait: bool = False, address: str | None = None) -
     signal.signal(signal.SIGTERM, handler)  # the scheduler stops a run with SIGTERM
     print(f"rungwise retrain {spec.name}: {spec.schedule.retrain}, gate on "
           f"{gate_for(spec).metric}", flush=True)
-    print(report(retrain(spec, wait=wait, address=address)), flush=True)
+    from jobs.drift import note_decision
+
+    r = retrain(spec, wait=wait, address=address)
+    if isinstance(r, RetrainResult):
+        note_decision(f"{'promoted' if r.decision.promote else 'kept'}: {r.decision.reason}")
+    print(report(r) if isinstance(r, RetrainResult) else r.report(), flush=True)
     return 0

@@ -11,9 +11,11 @@ MLflow runs are closed as KILLED and its lock is released.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +72,8 @@ class Stopper:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
+        self.decision: str | None = None
+        """The last retrain's one-line decision (promoted / kept / skipped / rejected)."""
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
@@ -91,11 +95,17 @@ class Stopper:
         return self.event.wait(seconds)
 
     def run(self, argv: list[str]) -> int:
-        self.child = subprocess.Popen(argv)
-        try:
-            return self.child.wait()
-        finally:
-            self.child = None
+        from jobs.drift import DECISION_FILE
+
+        with tempfile.TemporaryDirectory() as tmp:  # the child writes its decision there
+            decision = Path(tmp) / "decision"
+            self.child = subprocess.Popen(argv, env={**os.environ,
+                                                     DECISION_FILE: str(decision)})
+            try:
+                return self.child.wait()
+            finally:
+                self.child = None
+                self.decision = decision.read_text().strip() if decision.is_file() else None
 
 
 def log(message: str) -> None:
@@ -121,6 +131,8 @@ def run_schedule(cron: str, argv: list[str], *, max_runs: int | None = None,
         done += 1
         outcome = "ok" if code == 0 else "failed; the schedule goes on"
         log(f"run {done} exited {code} ({outcome}) after {time.monotonic() - started:.1f} s")
+        if stopper.decision:
+            log(f"run {done} decision: {stopper.decision}")
         if stopper.event.is_set():
             break
     log(f"stopped after {done} run(s)")

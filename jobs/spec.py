@@ -44,6 +44,7 @@ from tuning.config import (
     flatten,
     set_path,
 )
+from tuning.drift import DriftSpec
 
 __all__ = [
     "DIMENSION_KINDS", "MAX_LAYERS", "MAX_LAYER_SIZE", "MAX_SPEC_BYTES", "MAX_SPEC_DEPTH",
@@ -63,6 +64,8 @@ class ScheduleSpec(StrictSection):
     cron: str | None = None
     retrain: Literal["sweep", "refit"] = "sweep"
     promote_if_better_by: float = Field(default=0.0, ge=0)
+    trigger: Literal["always", "drift"] = "always"
+    drift: DriftSpec = Field(default_factory=DriftSpec)
 
     @field_validator("cron")
     @classmethod

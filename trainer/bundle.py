@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trainer import preprocessor_state
+from trainer import preprocessor_state, profile
 from trainer.config import ModelSpec
 from trainer.loop import predict, predict_proba
 from trainer.models import build_model
@@ -109,6 +109,7 @@ class ModelBundle:
         d.mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict, d / "weights.pt")
         preprocessor_state.save(self.preprocessor, d)
+        profile.save(self.preprocessor, d)  # the training split's profile (drift)
         meta = {"model_spec": self.model_spec, "input_shape": list(self.input_shape),
                 "n_outputs": self.n_outputs, "task": self.task,
                 "feature_columns": self.feature_columns, "metrics": self.metrics}

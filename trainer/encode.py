@@ -15,6 +15,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from trainer import profile
 from trainer.config import TASKS
 from trainer.impute import Imputer
 
@@ -181,6 +182,8 @@ class Preprocessor(BaseEstimator):
             raise ValueError(f"data.task: got {self.task!r}, allowed: {', '.join(TASKS)}")
         y = _aligned(X_df, y)
         imputed = self.imputer.fit_transform(X_df)
+        self.profile_ = profile.build(X_df, y, self.imputer.column_kinds_,  # drift reference
+                                      self.imputer.dropped_columns_, self.task, y.name)
         keep = ~self.imputer.droppable_mask(X_df)
         y = y[keep]
         self.encoder_ = TabularEncoder().fit(imputed)

@@ -53,7 +53,7 @@ def test_a_planted_pickle_is_never_read(tmp_path, trained, monkeypatch):
     _, prepared, result = trained
     folder = result.bundle.save(tmp_path / "b")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "bundle.json", "preprocessor.json", "preprocessor.npz", "weights.pt"]
+        "bundle.json", "preprocessor.json", "preprocessor.npz", "profile.json", "weights.pt"]
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EVIL_MARKER", str(marker))
     (folder / "preprocessor.pkl").write_bytes(pickle.dumps(_Evil()))
