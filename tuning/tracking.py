@@ -153,6 +153,10 @@ class RunLogger:
         self._window, self._backoff = retry_window_s, backoff_s
         self.lost: dict[str, int] = {}
         self.errors: list[str] = []
+        self._down = False
+        """A write gave up after the whole retry window: later writes get one try each until
+        one succeeds (a server that is gone for good costs one window, not one per write)."""
+        self._progress = time.monotonic()
         self._thread = threading.Thread(target=self._work, name="rungwise-mlflow", daemon=True)
         self._thread.start()
 
@@ -165,9 +169,15 @@ class RunLogger:
         self._queue.put(("metrics", (run, metrics_of(values, step))))
 
     def flush(self, timeout: float = 120.0) -> None:
+        """Wait until everything queued before is sent (or given up). ``timeout`` bounds a
+        stall, not the whole wait: while writes keep going out (a server back after an outage,
+        a slow machine) the wait goes on, so nothing queued is read before it is written."""
         done = threading.Event()
         self._queue.put(("flush", done))
-        done.wait(timeout)
+        while not done.wait(1.0):
+            stalled = time.monotonic() - self._progress
+            if stalled > timeout + self._window or not self._thread.is_alive():
+                return
 
     def close(self, timeout: float = 300.0) -> None:
         self.flush(timeout)
@@ -182,6 +192,7 @@ class RunLogger:
             except queue.Empty:
                 self._send_metrics(pending)
                 continue
+            self._progress = time.monotonic()
             if kind == "metrics":
                 run, ms = item
                 run_id = run() if callable(run) else run
@@ -213,14 +224,18 @@ class RunLogger:
     def _retry(self, fn: Callable[[], Any], what: str) -> bool:
         """Retry for up to the retry window (a server restart, a network blip), then give
         up on this write, count it, and go on: training never waits for MLflow."""
-        delay, deadline, attempt = self._backoff, time.monotonic() + self._window, 0
+        window = 0.0 if self._down else self._window
+        delay, deadline, attempt = self._backoff, time.monotonic() + window, 0
         while True:
             attempt += 1
             try:
                 fn()
+                self._down = False
+                self._progress = time.monotonic()
                 return True
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
+                    self._down = True
                     text = mask_uri(str(exc))
                     self.errors.append(f"{what}: {type(exc).__name__}: {text[:200]}")
                     log.warning("MLflow %s failed after %d tries: %s", what, attempt, text)
