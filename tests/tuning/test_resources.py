@@ -12,6 +12,7 @@ import torch
 
 from trainer.arrays import ArrayData
 from trainer.models import explain_oom
+from trainer.run import data_bytes
 from tuning.errors import RungwiseError
 from tuning.resources import (
     Cluster,
@@ -22,7 +23,6 @@ from tuning.resources import (
     node_types_of,
     settle,
 )
-from tuning.trainable import data_bytes
 
 CPU4 = {"CPU": 4.0}
 GPU1 = {"CPU": 8.0, "GPU": 1.0}
