@@ -119,7 +119,7 @@ def test_the_epoch_that_stops_early_says_so_and_no_other_does() -> None:
     the CLI read it; nobody replays the rule on the val_loss curve)."""
     data = make_data(n=120, label_noise=0.3)
     spec = train_spec(epochs=300, lr=3e-2, batch_size=16,
-                      early_stopping=SimpleNamespace(patience=3, min_delta=0.0))
+                      early_stopping=EarlyStoppingSpec(patience=3, min_delta=0.0))
     seen: list[dict[str, Any]] = []
     result = run(data, spec, model_spec([128, 128], dropout=0.0),
                  on_epoch=lambda m, c: seen.append(m))
