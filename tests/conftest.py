@@ -108,7 +108,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--backend-store-uri", sqlite_store(root),
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
     url = f"http://127.0.0.1:{port}"

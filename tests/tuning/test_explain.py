@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from jobs.spec import load_spec
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, sqlite_store
 from tests.registered import rungwise
 from tuning.sweep import run_sweep
 
@@ -27,7 +27,7 @@ REASON = re.compile(r"Stopped at rung (\d+) \(epoch (\d+)\): val_loss (\S+) was 
 @pytest.fixture(scope="module")
 def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("explain")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     mp = pytest.MonkeyPatch()
     mp.setenv("RUNGWISE_STORAGE", str(folder / "runs"))
     space = {"train.lr": {"choice": [1e-5, 3e-3]}, "model.dropout": {"uniform": [0.0, 0.3]}}
