@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,10 +59,46 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+_MIGRATE = """
+import sys
+from mlflow.tracking import MlflowClient
+cl = MlflowClient(tracking_uri="sqlite:///" + sys.argv[1])
+cl.search_experiments(max_results=1)
+cl.search_registered_models(max_results=1)
+"""
+
+
+@functools.cache
+def _migrated_template() -> Path:
+    """An empty SQLite tracking store with MLflow's full schema, made once per session in a
+    subprocess (so no connection to it stays open here). Migrating a fresh store takes 3-6 s
+    of CPU here; copying this file takes milliseconds."""
+    folder = Path(tempfile.mkdtemp(prefix="rw-store-"))
+    atexit.register(shutil.rmtree, folder, True)
+    db = folder / "template.db"
+    subprocess.run([sys.executable, "-c", _MIGRATE, str(db)], cwd=folder, check=True,
+                   capture_output=True, timeout=300)
+    return db
+
+
+def sqlite_store(folder: Path, name: str = "mlflow.db") -> str:
+    """A fresh, empty SQLite tracking store ``folder / name`` (absolute URI), already migrated:
+    a copy of one template (see ``_migrated_template``). Its Default experiment's artifact
+    location is set to ``folder/mlruns/0``, as if MLflow had created it from ``folder``.
+    Tests of a store's first open (the migration itself) use a plain path instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / name
+    shutil.copyfile(_migrated_template(), db)
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (str(folder / "mlruns" / "0"),))
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture()
 def mlflow_uri(tmp_path: Path) -> str:
-    """A fresh SQLite tracking store (absolute URI) per test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A fresh SQLite tracking store (absolute URI) per test, already migrated."""
+    return sqlite_store(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +108,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--backend-store-uri", sqlite_store(root),
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
     url = f"http://127.0.0.1:{port}"

@@ -56,10 +56,11 @@ def train_and_register(folder: Path, name: str = "adult-portable",
     """`rungwise train` (1 epoch, 2,000 rows), then the logged model registered as champion."""
     import mlflow
 
+    from tests.conftest import sqlite_store
     from tuning import registry
 
     data = adult_rows(folder / "adult-2000.csv")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     sets = [f"data.path={data}", "train.epochs=1", f"tracking.uri={uri}",
             f"tracking.register_as={name}", *(extra or [])]
     args: list[str] = ["train", str(ADULT)]

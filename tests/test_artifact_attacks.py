@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import sqlite_store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -105,7 +107,7 @@ def test_the_crafted_pickles_are_real_attacks(tmp_path: Path) -> None:
 def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A model registered as champion by a real `rungwise retrain` (refit, no Ray)."""
     folder = tmp_path_factory.mktemp("rungwise-attack")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     spec = yaml_spec(folder, uri)
     env = {"RUNGWISE_STORAGE": str(folder / "storage")}
     proc = subprocess.run([sys.executable, "-m", "jobs", "retrain", str(spec)], cwd=folder,

@@ -73,11 +73,19 @@ class Cluster:
                                  allow_bucket_creation=True)
 
     def add_worker(self, name: str, cpus: int = WORKER_CPUS) -> subprocess.Popen[bytes]:
-        """Another worker node in its own mount namespace; waits until Ray sees it alive."""
-        before = len(alive_nodes(self))
+        """Another worker node in its own mount namespace; waits until Ray sees it alive (a
+        node id it did not know before: a node killed just now may still count as alive for a
+        while, so a count of alive nodes would not tell)."""
+        known = {str(n["id"]) for n in alive_nodes(self)}
+        for _ in range(10):  # an empty answer is a failed listing (the head is always there)
+            if known:
+                break
+            time.sleep(2)
+            known = {str(n["id"]) for n in alive_nodes(self)}
+        assert known, "the cluster's nodes could not be listed"
         proc = _start_worker(self, name, cpus)
         self.procs.append(proc)
-        _wait_nodes(self, before + 1, proc, self.temp_dir / f"{name}.log")
+        _wait_nodes(self, known, proc, self.temp_dir / f"{name}.log")
         return proc
 
 
@@ -95,14 +103,15 @@ def alive_nodes(cluster: Cluster) -> list[dict[str, object]]:
     return list(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _wait_nodes(cluster: Cluster, n: int, proc: subprocess.Popen[bytes], log: Path,
+def _wait_nodes(cluster: Cluster, known: set[str], proc: subprocess.Popen[bytes], log: Path,
                 timeout: float = 180) -> None:
+    """Until an alive node that is not in ``known`` appears."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker node exited ({proc.returncode}): "
                                f"{log.read_text()[-3000:]}")
-        if len(alive_nodes(cluster)) >= n:
+        if {str(n["id"]) for n in alive_nodes(cluster)} - known:
             return
         time.sleep(2)
     raise RuntimeError(f"the worker node did not join: {log.read_text()[-3000:]}")
@@ -262,15 +271,15 @@ def cluster(moto_s3: S3) -> Iterator[Cluster]:
 def mlflow_s3(cluster: Cluster) -> Iterator[str]:
     """``mlflow server`` on the head's side: runs in SQLite there, artifacts in the bucket
     (``--artifacts-destination s3://... --serve-artifacts``: clients never need S3 access)."""
-    from tests.conftest import _wait_http
+    from tests.conftest import _wait_http, sqlite_store
 
     root = cluster.temp_dir / "mlflow-server"
-    root.mkdir()
+    store = sqlite_store(root)  # already migrated
     (port,) = _free_ports(1)
     log = root / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+         "--backend-store-uri", store, "--serve-artifacts",
          "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"],
         env=cluster.env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:

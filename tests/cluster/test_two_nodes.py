@@ -24,7 +24,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.cluster.conftest import BUCKET, Cluster, alive_nodes
-from tests.conftest import DATA, EXAMPLES
+from tests.conftest import DATA, EXAMPLES, sqlite_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -96,32 +96,9 @@ def checkpointed_trials(files: list[str]) -> set[str]:
             and (m := re.search(r"/run_trial_([0-9a-f]+_\d+)_[^/]*/checkpoint_", f))}
 
 
-def test_sweep_with_s3_storage_on_the_split_cluster(cluster: Cluster) -> None:
-    folder = cluster.work / "a"
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    spec = write_spec(folder, uri)
-    started = time.perf_counter()
-    out = rungwise(cluster, folder, "tune", str(spec), "--address", cluster.address,
-                   "--set", f"tune.storage={cluster.bucket_uri('a')}")
-    TIMINGS["two-node s3"] = time.perf_counter() - started
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    kids = children(uri)
-    assert len(kids) == NUM_SAMPLES and {r.info.status for r in kids} == {"FINISHED"}, \
-        [(r.info.run_name, r.info.status) for r in kids]
-    parents = [r for r in runs(uri) if not r.data.tags.get("mlflow.parentRunId")]
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    files = bucket_files(cluster, f"a/{NAME}")
-    assert len(checkpointed_trials(files)) == NUM_SAMPLES, files
-    assert f"{BUCKET}/a/{NAME}/rungwise-sweep.json" in files
-    assert not (folder / "rungwise-runs").exists()  # nothing kept on the driver's disk
-    versions = MlflowClient(uri).search_model_versions(f"name = '{NAME}'")
-    assert [str(v.version) for v in versions] == ["1"]
-    assert "registered: " in out.stdout
-
-
 def test_local_storage_is_refused_by_the_preflight(cluster: Cluster) -> None:
     folder = cluster.work / "b"
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     spec = write_spec(folder, uri)
     out = rungwise(cluster, folder, "tune", str(spec), "--address", cluster.address,
                    "--set", f"tune.storage={folder / 'runs'}")
@@ -132,23 +109,6 @@ def test_local_storage_is_refused_by_the_preflight(cluster: Cluster) -> None:
     assert "RUNGWISE_STORAGE" in line
     assert runs(uri) == []
     assert not list((folder / "runs").rglob(".rungwise-preflight/*"))  # cleaned up
-
-
-def test_the_same_sweep_on_one_node_for_comparison(cluster: Cluster, tmp_path: Path) -> None:
-    """Not a check of the cluster: the figure the two-node sweep is compared with (a local Ray
-    of the worker's size, local storage), printed at the end of the session."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = write_spec(tmp_path, uri)
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "jobs", "tune", str(spec), "--set",
-                          f"tune.storage={tmp_path / 'runs'}"], cwd=tmp_path, env=env,
-                         text=True, capture_output=True, timeout=900, start_new_session=True)
-    TIMINGS["one-node local"] = time.perf_counter() - started
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert len(children(uri)) == NUM_SAMPLES
-    print(f"\nsweep wall time ({NUM_SAMPLES} trials x 3 epochs): "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
 
 
 def wait_for_finished_trials(proc: subprocess.Popen[str], uri: str, log: Path, n: int = 1,
@@ -168,9 +128,12 @@ def wait_for_finished_trials(proc: subprocess.Popen[str], uri: str, log: Path, n
     raise AssertionError("no trial finished in time")
 
 
-def test_driver_killed_then_resumed_from_the_bucket(cluster: Cluster) -> None:
+def test_sweep_in_the_bucket_killed_then_resumed_from_another_folder(cluster: Cluster) -> None:
+    """One sweep, two checks: a sweep with its storage in the bucket (checkpoints, state file
+    and nothing on the driver's disk; the best model registered), and a driver SIGKILLed in
+    the middle of it that is resumed from another folder, where nothing of it lies."""
     folder = cluster.work / "c"
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     spec = write_spec(folder, uri, epochs=4, concurrent=1)
     storage = f"tune.storage={cluster.bucket_uri('c')}"
     log = folder / "killed.log"
@@ -202,7 +165,14 @@ def test_driver_killed_then_resumed_from_the_bucket(cluster: Cluster) -> None:
         out.stderr[-3000:])
     assert [r.info.status for r in runs(uri) if not r.data.tags.get("mlflow.parentRunId")] \
         == ["FINISHED"]
-    assert len(checkpointed_trials(bucket_files(cluster, f"c/{NAME}"))) == NUM_SAMPLES
+    files = bucket_files(cluster, f"c/{NAME}")
+    assert len(checkpointed_trials(files)) == NUM_SAMPLES, files
+    assert f"{BUCKET}/c/{NAME}/rungwise-sweep.json" in files
+    for driver in (folder, other):  # nothing kept on either driver's disk
+        assert not (driver / "rungwise-runs").exists()
+    versions = MlflowClient(uri).search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert "registered: " in out.stdout
 
 
 def test_retrain_lease_in_the_bucket_refuses_a_retrain_from_another_folder(
@@ -214,7 +184,7 @@ def test_retrain_lease_in_the_bucket_refuses_a_retrain_from_another_folder(
                 "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, cluster.env[key])
     first, second = cluster.work / "d1", cluster.work / "d2"
-    uri = f"sqlite:///{first / 'mlflow.db'}"
+    uri = sqlite_store(first)
     spec_file = write_spec(first, uri, retrain="refit")
     storage = f"tune.storage={cluster.bucket_uri('d')}"
     spec = load_spec(spec_file, {"tune.storage": cluster.bucket_uri("d")})
@@ -239,9 +209,11 @@ def test_submit_to_the_split_cluster_then_predict_from_another_folder(
     folder = cluster.work / "g"
     spec = write_spec(folder, mlflow_s3)
     (folder / "pyproject.toml").write_text("")  # the folder shipped as the job's working_dir
+    started = time.perf_counter()
     out = rungwise(cluster, folder, "submit", str(spec), "--address", cluster.dashboard,
                    "--command", "tune", "--set", f"tune.storage={cluster.bucket_uri('g')}",
                    "--follow")
+    TIMINGS["two-node s3 (submitted job)"] = time.perf_counter() - started
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.rstrip().endswith("status: SUCCEEDED")
     kids = children(mlflow_s3)
@@ -261,3 +233,21 @@ def test_submit_to_the_split_cluster_then_predict_from_another_folder(
     assert pred.returncode == 0, pred.stderr[-3000:]
     got = pd.read_csv(other / "out.csv")
     assert len(got) == 20 and got["prediction"].notna().all()
+
+
+def test_the_same_sweep_on_one_node_for_comparison(cluster: Cluster, tmp_path: Path) -> None:
+    """Not a check of the cluster: the figure the two-node sweep (the submitted job above) is
+    compared with (a local Ray, local storage), printed at the end of the session. Runs after
+    the two-node tests (file order)."""
+    uri = sqlite_store(tmp_path)
+    spec = write_spec(tmp_path, uri)
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "jobs", "tune", str(spec), "--set",
+                          f"tune.storage={tmp_path / 'runs'}"], cwd=tmp_path, env=env,
+                         text=True, capture_output=True, timeout=900, start_new_session=True)
+    TIMINGS["one-node local"] = time.perf_counter() - started
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(children(uri)) == NUM_SAMPLES
+    print(f"\nsweep wall time ({NUM_SAMPLES} trials x 3 epochs): "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))

@@ -29,6 +29,7 @@ from tests.cluster.test_two_nodes import (
     runs,
     write_spec,
 )
+from tests.conftest import sqlite_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,7 +47,7 @@ def test_ddp_ranks_on_two_nodes_under_asha(cluster: Cluster) -> None:
     if len([n for n in alive_nodes(cluster) if n["cpus"]]) < 2:
         cluster.add_worker("worker-2")
     folder = cluster.work / "e"
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     spec = write_spec(folder, uri, epochs=4, concurrent=2)
     out = subprocess.run(
         [sys.executable, "-m", "jobs", "tune", str(spec), "--address", cluster.address,
@@ -65,7 +66,9 @@ def test_ddp_ranks_on_two_nodes_under_asha(cluster: Cluster) -> None:
     assert {k.data.tags.get("rungwise.nodes") for k in kids} == {"2"}  # ranks on 2 nodes
     statuses = [k.data.tags["rungwise.status"] for k in kids]
     assert "stopped_by_scheduler" in statuses, statuses
-    time.sleep(2)
+    deadline = time.time() + 120  # Ray removes a group asynchronously: wait for the event
+    while reserved_groups(cluster) and time.time() < deadline:
+        time.sleep(1)
     assert reserved_groups(cluster) == 0  # no group left reserved, on either node
 
 
@@ -123,7 +126,7 @@ def test_a_lost_worker_node_and_a_fresh_one_joining(cluster: Cluster) -> None:
     workers = [p for p in cluster.procs[1:] if p.poll() is None]
     assert workers, "the fixture's worker node is not running"
     folder = cluster.work / "f"
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     spec = write_spec(folder, uri, epochs=8, concurrent=2)
     log = folder / "sweep.log"
     with open(log, "w") as err:

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from jobs.spec import load_spec, parse_overrides
+from tests.conftest import sqlite_store
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def adult_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("train-adult")
     stores = [base / "a" / "mlflow.db", base / "b" / "mlflow.db"]
     for store in stores:
-        store.parent.mkdir()
+        sqlite_store(store.parent)  # migrated once per session, copied here
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
         procs = list(pool.map(lambda s: rungwise(train_args(ADULT, s, EPOCHS), s.parent),
@@ -208,7 +209,7 @@ def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, P
 
     def run(name: str) -> tuple[Any, Path]:
         store = base / name / "mlflow.db"
-        store.parent.mkdir()
+        sqlite_store(store.parent)
         spec, sets = cases[name]
         return rungwise(train_args(spec, store, sets), store.parent), store
 

@@ -31,6 +31,7 @@ from jobs.cli import UserError
 from jobs.cluster import auth_headers, resolve_address
 from jobs.submit import SubmitRequest, entrypoint, is_local_uri
 from jobs.upload import collect, excludes_for, project_root
+from tests.conftest import sqlite_store
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "tests/jobs/tiny_adult.yaml"
@@ -368,7 +369,7 @@ def test_submit_with_ray_address_env_and_stop(head: Head) -> None:
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_submit_runs_and_tracks(head: Head, command: str, tmp_path: Path) -> None:
     _needs(f"jobs.{command}")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     out = rungwise(head, "submit", SPEC, "--address", head.address, "--command", command,
                    "--set", f"tracking.uri={uri}", "--allow-local-tracking", "--follow")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -1,7 +1,8 @@
 """A sweep explains itself on its MLflow parent run (#12): importances (metrics + PNG), a
 parallel-coordinates PNG, a best_spec.yaml that `rungwise train` runs as it is, and on every
 trial ASHA stopped a one-sentence ``rungwise.stop_reason`` with the rung, the cutoff and how
-many trials were there. One real ASHA sweep on a real local Ray and SQLite store."""
+many trials were there. One real ASHA sweep on a real local Ray and SQLite store, which also
+shows ASHA stopping the trials that cannot learn (lr 1e-5) early."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from jobs.spec import load_spec
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, sqlite_store
 from tests.registered import rungwise
 from tuning.sweep import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SAMPLES, EPOCHS = 8, 6
 
 REASON = re.compile(r"Stopped at rung (\d+) \(epoch (\d+)\): val_loss (\S+) was above the "
                     r"cutoff (\S+) set by the (\d+) trials? already at that rung\.")
@@ -27,13 +30,13 @@ REASON = re.compile(r"Stopped at rung (\d+) \(epoch (\d+)\): val_loss (\S+) was 
 @pytest.fixture(scope="module")
 def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("explain")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder)
     mp = pytest.MonkeyPatch()
     mp.setenv("RUNGWISE_STORAGE", str(folder / "runs"))
     space = {"train.lr": {"choice": [1e-5, 3e-3]}, "model.dropout": {"uniform": [0.0, 0.3]}}
     spec = load_spec(EXAMPLES / "adult.yaml").with_overrides({
-        "tune.search": "asha", "tune.space": space, "tune.num_samples": 8,
-        "tune.max_concurrent": 2, "train.epochs": 6, "tune.grace_period": 1,
+        "tune.search": "asha", "tune.space": space, "tune.num_samples": SAMPLES,
+        "tune.max_concurrent": 2, "train.epochs": EPOCHS, "tune.grace_period": 1,
         "tune.reduction_factor": 2, "train.early_stopping": None, "model.hidden": [16],
         "tracking.uri": uri})
     try:
@@ -105,3 +108,18 @@ def test_parent_and_every_child_record_the_training_data(sweep: dict[str, object
         assert entry.dataset.digest == digest
         assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
         assert entry.dataset.source.endswith('adult-train.csv.gz"}'), entry.dataset.source
+
+
+def test_asha_stops_bad_trials_early(sweep: dict[str, object]) -> None:
+    uri, result = sweep["uri"], sweep["result"]
+    cl = MlflowClient(uri)
+    exp = cl.get_run(result.parent_run_id).info.experiment_id
+    kids = cl.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    stopped = [k for k in kids if k.data.tags["rungwise.status"] == "stopped_by_scheduler"]
+    assert stopped, [k.data.tags["rungwise.status"] for k in kids]
+    for kid in stopped:
+        assert int(kid.data.tags["rungwise.stopped_at_epoch"]) < EPOCHS
+        assert kid.data.tags["rungwise.stopped_metric"].startswith("val_loss=")
+        assert kid.info.status == "FINISHED"
+    assert result.best_overrides["train.lr"] == 3e-3
+    assert sum(r["epochs"] for r in result.trials) < SAMPLES * EPOCHS

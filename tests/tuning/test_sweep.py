@@ -73,12 +73,15 @@ def test_sweep_is_mirrored_in_mlflow(ray_session, tmp_path, monkeypatch, mlflow_
     csv = pd.read_csv(mlflow.artifacts.download_artifacts(
         run_id=result.parent_run_id, artifact_path="trials.csv", tracking_uri=mlflow_uri))
     assert len(csv) == 4 and csv["best"].sum() == 1
+    # the same sweep's registered model (one sweep, two tests' checks)
+    registered_model_predicts_raw_rows_with_missing_values(result, spec, tmp_path,
+                                                           monkeypatch, mlflow_uri)
 
 
-def test_registered_model_predicts_raw_rows_with_missing_values(ray_session, tmp_path,
-                                                                monkeypatch, mlflow_uri):
-    spec = small_spec(tmp_path, monkeypatch, mlflow_uri, **{"tune.num_samples": 2})
-    result = run_sweep(spec, quiet=True)
+def registered_model_predicts_raw_rows_with_missing_values(result, spec, tmp_path, monkeypatch,
+                                                           mlflow_uri):
+    """The first sweep into a fresh store registers its best model as champion; it predicts
+    raw rows with missing values; a second sweep is only a challenger."""
     assert result.aliases == ["challenger", "champion"]
     mlflow.set_tracking_uri(mlflow_uri)
     model = mlflow.pyfunc.load_model("models:/adult-test@champion")
@@ -94,29 +97,12 @@ def test_registered_model_predicts_raw_rows_with_missing_values(ray_session, tmp
     truth = raw.loc[rows.index, "income"].str.rstrip(".")
     assert (pred == truth.to_numpy()).mean() > 0.75
     # a second sweep is only a challenger: the champion stays
-    again = run_sweep(spec, quiet=True)
+    again = run_sweep(small_spec(tmp_path, monkeypatch, mlflow_uri, **{"tune.num_samples": 2}),
+                      quiet=True)
     assert again.aliases == ["challenger"]
     cl = MlflowClient(mlflow_uri)
     assert str(cl.get_model_version_by_alias("adult-test", "champion").version) == "1"
     assert str(cl.get_model_version_by_alias("adult-test", "challenger").version) == "2"
-
-
-def test_asha_stops_bad_trials_early(ray_session, tmp_path, monkeypatch, mlflow_uri):
-    space = {"train.lr": {"choice": [1e-5, 1e-5, 1e-5, 3e-3, 3e-3, 1e-5]}}
-    spec = small_spec(tmp_path, monkeypatch, mlflow_uri, **{
-        "tune.search": "asha", "tune.space": space, "tune.num_samples": 6,
-        "train.epochs": 9, "tune.grace_period": 1, "tune.reduction_factor": 3,
-        "train.optimizer": "sgd", "train.momentum": 0.0})
-    result = run_sweep(spec, quiet=True, register=False)
-    kids = children(mlflow_uri, result.parent_run_id)
-    stopped = [k for k in kids if k.data.tags["rungwise.status"] == "stopped_by_scheduler"]
-    assert stopped, [k.data.tags["rungwise.status"] for k in kids]
-    for kid in stopped:
-        assert int(kid.data.tags["rungwise.stopped_at_epoch"]) < 9
-        assert kid.data.tags["rungwise.stopped_metric"].startswith("val_loss=")
-        assert kid.info.status == "FINISHED"
-    assert result.best_overrides["train.lr"] == 3e-3
-    assert sum(r["epochs"] for r in result.trials) < 6 * 9
 
 
 def test_mlflow_server_http_path(ray_session, tmp_path, monkeypatch, mlflow_server):
