@@ -95,5 +95,9 @@ def test_a_ddp_sweep_opens_only_torchs_rendezvous_store_on_every_interface(
     assert len(ports) == 1, _table(wide)
     # the same rank-0 process, named by the task it runs when the socket is seen
     rank0 = ("ray::RayTrainWorker", "ray::execute._setup_torch_process_group")
-    assert all(s.process.startswith(rank0) and s.proto.startswith("tcp")
+    # a sighting may catch the process between titles ("?": its cmdline unreadable for a
+    # moment); the pid's other sightings name it then
+    named = {s.process for s in seen if s.pid in {p for p, _ in ports} and s.process != "?"}
+    assert named and all(n.startswith(rank0) for n in named), _table(wide)
+    assert all((s.process == "?" or s.process.startswith(rank0)) and s.proto.startswith("tcp")
                and s.all_interfaces for s in wide), _table(wide)
