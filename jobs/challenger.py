@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from jobs.spec import JobSpec
+
 WARM_START_RUNS = 3
 
 
@@ -49,7 +51,7 @@ def champion_config(cl: Any, name: str) -> dict[str, Any] | None:
     return best_overrides(cl.get_run(version.run_id).data.params)
 
 
-def warm_configs(cl: Any, spec: Any, limit: int = WARM_START_RUNS) -> list[dict[str, Any]]:
+def warm_configs(cl: Any, spec: JobSpec, limit: int = WARM_START_RUNS) -> list[dict[str, Any]]:
     """The champion's configuration, then the best of the latest finished sweeps/retrains."""
     out: list[dict[str, Any]] = []
     name = spec.tracking.register_as
@@ -73,7 +75,7 @@ def warm_configs(cl: Any, spec: Any, limit: int = WARM_START_RUNS) -> list[dict[
 # --- challengers ----------------------------------------------------------------------
 
 
-def sweep_challenger(spec: Any, cl: Any, warm: list[dict[str, Any]], address: str | None,
+def sweep_challenger(spec: JobSpec, cl: Any, warm: list[dict[str, Any]], address: str | None,
                      quiet: bool) -> tuple[str, str, str]:
     """A warm-started sweep, registered; -> (version, parent run id, data fingerprint)."""
     from tuning.errors import RungwiseError
@@ -89,7 +91,7 @@ def sweep_challenger(spec: Any, cl: Any, warm: list[dict[str, Any]], address: st
     return result.version, result.parent_run_id, run.data.tags.get("rungwise.data_fingerprint", "")
 
 
-def refit_challenger(spec: Any, raw: Any, overrides: dict[str, Any]) -> tuple[str, str]:
+def refit_challenger(spec: JobSpec, raw: Any, overrides: dict[str, Any]) -> tuple[str, str]:
     """Train ``overrides`` applied to the spec once on ``raw``; log, register -> (version, run)."""
     from trainer.pipeline import prepare
     from tuning.lineage import from_raw

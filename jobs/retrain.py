@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jobs.challenger import champion_config, refit_challenger, sweep_challenger, warm_configs
+from jobs.spec import JobSpec
 
 if TYPE_CHECKING:
     from jobs.drift import Skipped
@@ -73,7 +74,7 @@ class RetrainResult:
     tracking_uri: str
 
 
-def gate_for(spec: Any) -> Gate:
+def gate_for(spec: JobSpec) -> Gate:
     classification, regression = GATE_METRICS[spec.tune.metric]
     metric = classification if spec.data.task == "classification" else regression
     mode = "max" if metric == "test_accuracy" else "min"
@@ -110,7 +111,7 @@ def decide(gate: Gate, champion: float | None, challenger: float, *, first_model
 # --- lock ------------------------------------------------------------------------------
 
 
-def lock_path(spec: Any) -> StoragePath:
+def lock_path(spec: JobSpec) -> StoragePath:
     """``<storage>/<spec name>/retrain.lock``, in the sweep's storage (``tune.storage``, else
     RUNGWISE_STORAGE): every machine that retrains this spec sees the same file."""
     from tuning.storage import spec_folder
@@ -119,7 +120,7 @@ def lock_path(spec: Any) -> StoragePath:
 
 
 @contextmanager
-def retrain_lock(spec: Any, wait: bool = False) -> Iterator[StoragePath]:
+def retrain_lock(spec: JobSpec, wait: bool = False) -> Iterator[StoragePath]:
     """Hold the retrain lease of ``spec`` (see jobs/lease.py); without ``wait``, fail at once."""
     from jobs.lease import LeaseHeld, acquire, describe
     from trainer.errors import UserError
@@ -192,7 +193,7 @@ def promote(cl: Any, name: str, version: str) -> None:
 # --- the retrain ----------------------------------------------------------------------
 
 
-def retrain(spec: Any, *, wait: bool = False, address: str | None = None,
+def retrain(spec: JobSpec, *, wait: bool = False, address: str | None = None,
             quiet: bool = False) -> RetrainResult | Skipped:
     """Lock, validate the data, train a challenger, gate it, promote it if it earned it."""
     from trainer.errors import UserError
@@ -212,7 +213,7 @@ def retrain(spec: Any, *, wait: bool = False, address: str | None = None,
         return result
 
 
-def _retrain_locked(spec: Any, name: str, address: str | None, quiet: bool) -> RetrainResult:
+def _retrain_locked(spec: JobSpec, name: str, address: str | None, quiet: bool) -> RetrainResult:
     from trainer.pipeline import split_data
 
     raw = split_data(spec.data)  # a broken file fails here, before the registry is touched
@@ -237,7 +238,7 @@ def _retrain_locked(spec: Any, name: str, address: str | None, quiet: bool) -> R
     return _gate(spec, cl, uri, name, raw, (before, version, run_id), warm, blocker)
 
 
-def _gate(spec: Any, cl: Any, uri: str, name: str, raw: Any,
+def _gate(spec: JobSpec, cl: Any, uri: str, name: str, raw: Any,
           ids: tuple[Any, str, str], warm: list[dict[str, Any]],
           blocker: str | None) -> RetrainResult:
     from tuning.errors import RungwiseError
@@ -297,7 +298,7 @@ def report(r: RetrainResult) -> str:
     return "\n".join(lines)
 
 
-def retrain_command(spec: Any, wait: bool = False, address: str | None = None) -> int:
+def retrain_command(spec: JobSpec, wait: bool = False, address: str | None = None) -> int:
     """Exit 0 whether promoted or kept: keeping the champion is a successful outcome."""
     from jobs.signals import sigterm_as_interrupt
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainer.config import ModelSpec, TrainSpec
 from trainer.loop import FitResult, OnEpoch, TensorData, evaluate, fit
 from trainer.models import explain_oom, is_oom, new_model
 
@@ -59,7 +60,7 @@ class RunResult:
     """Imputer + encoder + weights; None without a preprocessor or evaluation."""
 
 
-def train_run(model_spec: Any, train_spec: Any, data: Prepared | ArrayData,
+def train_run(model_spec: ModelSpec, train_spec: TrainSpec, data: Prepared | ArrayData,
               hooks: Hooks | None = None, *, evaluate_test: bool = True) -> RunResult:
     """Build, fit (restoring the best epoch), and with ``evaluate_test`` evaluate on the test
     split and bundle with the preprocessor (when ``data`` has one)."""
@@ -79,14 +80,14 @@ def train_run(model_spec: Any, train_spec: Any, data: Prepared | ArrayData,
     return RunResult(fit=result, test_metrics=metrics, bundle=bundle)
 
 
-def build(model_spec: Any, train_spec: Any, data: Any) -> torch.nn.Module:
+def build(model_spec: ModelSpec, train_spec: TrainSpec, data: Any) -> torch.nn.Module:
     """The spec's network for ``data``, seeded by ``train.seed``; OOM explained."""
     with explained_oom(model_spec, train_spec, data):
         return new_model(model_spec, data, seed=train_spec.seed)
 
 
 @contextmanager
-def explained_oom(model_spec: Any, train_spec: Any, data: Any,
+def explained_oom(model_spec: ModelSpec, train_spec: TrainSpec, data: Any,
                   gpu_share: float = 0.0) -> Iterator[None]:
     """The one place where running out of memory becomes a one-line ``OutOfMemory``."""
     try:
@@ -105,7 +106,7 @@ def data_bytes(data: Any) -> int:
                for s in ("train", "val", "test"))
 
 
-def make_bundle(model_spec: Any, prepared: Prepared, net: torch.nn.Module,
+def make_bundle(model_spec: ModelSpec, prepared: Prepared, net: torch.nn.Module,
                 metrics: dict[str, float] | None = None) -> ModelBundle:
     from trainer.bundle import ModelBundle
 

@@ -13,6 +13,7 @@ from typing import Any
 from trainer.loop import STOP_KEYS
 from trainer.run import Hooks, RunResult, train_run
 from tuning import registry
+from tuning.config import SweepSpec
 from tuning.lineage import from_prepared, log_training_input
 from tuning.tracking import (
     RunLogger,
@@ -47,7 +48,7 @@ class TrackedResult:
     version: str | None = None
 
 
-def tracked_run(spec: Any, prepared: Any, how: Tracked | None = None) -> TrackedResult:
+def tracked_run(spec: SweepSpec, prepared: Any, how: Tracked | None = None) -> TrackedResult:
     """Train once; params, per-epoch and final metrics, and the model go to one MLflow run."""
     how = how or Tracked()
     uri = resolve_tracking_uri(spec.tracking.uri)

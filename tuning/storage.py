@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 
 ENV = "RUNGWISE_STORAGE"
@@ -87,7 +88,7 @@ def open_storage(value: str | None = None) -> Storage:
     return Storage(given, fs, root.rstrip("/"), scheme.lower(), query)
 
 
-def spec_folder(spec: Any) -> StoragePath:
+def spec_folder(spec: SweepSpec) -> StoragePath:
     """``<storage>/<spec name>``: where a spec's sweeps, their state file and its retrain
     lease live (the one place that computes it)."""
     return open_storage(spec.tune.storage).path(safe_name(spec.name))

@@ -25,6 +25,7 @@ from ray.tune.logger import JsonLoggerCallback
 from trainer.pipeline import Prepared, RawData, prepare, split_data
 from tuning import registry
 from tuning.callback import Live, MlflowSweepCallback, SweepTracker
+from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 from tuning.fits import check_sweep_fits
 from tuning.localray import loopback_node
@@ -57,7 +58,7 @@ class SweepResult:
     tracking_uri: str | None = None
 
 
-def _state_path(spec: Any) -> StoragePath:
+def _state_path(spec: SweepSpec) -> StoragePath:
     return spec_folder(spec) / STATE_FILE
 
 
@@ -77,7 +78,7 @@ def init_ray(address: str | None) -> None:
         signal.signal(signal.SIGTERM, before)
 
 
-def prepare_variants(spec: Any, raw: RawData) -> dict[str, Prepared]:
+def prepare_variants(spec: SweepSpec, raw: RawData) -> dict[str, Prepared]:
     """Prepare once per distinct imputation choice."""
     variants = impute_variants(spec) or []
     return {variant_key(v): prepare(raw, spec.with_overrides(v).impute) for v in variants}
@@ -97,23 +98,23 @@ def warm_store(uri: str | None) -> None:
         client(uri).search_experiments(max_results=1)
 
 
-def _prepare_and_open_store(spec: Any, raw: RawData, uri: str | None) -> dict[str, Prepared]:
+def _prepare_and_open_store(spec: SweepSpec, raw: RawData, uri: str | None) -> dict[str, Prepared]:
     local = prepare_variants(spec, raw)
     warm_store(uri)
     return local
 
 
-def _trainable(spec: Any, shared: Shared) -> Any:
+def _trainable(spec: SweepSpec, shared: Shared) -> Any:
     """``spec`` has its resources settled (see ``_gpus``): every trial reserves what it uses."""
     res = spec.resources
     if res.workers_per_trial > 1:
         return tune.with_resources(tune.with_parameters(run_ddp_trial, shared=shared),
                                    {"CPU": DRIVER_CPU})
     return tune.with_resources(tune.with_parameters(run_trial, shared=shared),
-                               {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker})
+                               {"CPU": res.cpus_per_worker, "GPU": float(res.gpus_per_worker)})
 
 
-def _check_model_kinds(spec: Any, prepared: Prepared | None) -> None:
+def _check_model_kinds(spec: SweepSpec, prepared: Prepared | None) -> None:
     """A CNN on a table fails every trial: say so once, before any trial starts."""
     dim = spec.tune.space.get("model.kind")
     kinds = list(next(iter(dim.values()))) if dim else [spec.model.kind]
@@ -131,14 +132,14 @@ def _check_fits(res: Any, settled: Settled, cluster: Cluster) -> None:
         print(note, file=sys.stderr, flush=True)
 
 
-def _gpus(spec: Any) -> tuple[Settled, Cluster]:
+def _gpus(spec: SweepSpec) -> tuple[Settled, Cluster]:
     """``resources.gpus_per_worker`` and ``train.device`` settled against this cluster, once,
     before Tune starts (tuning/resources.py has the rules)."""
     cluster = read_cluster()
     return settle(spec.resources, spec.train.device, cluster), cluster
 
 
-def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: StoragePath,
+def _tuner(spec: SweepSpec, strategy: Strategy, trainable: Any, path: StoragePath,
            callbacks: list[Any], resume: bool) -> tune.Tuner:
     if resume:
         # the run config, callbacks included, comes back from the sweep's folder: the
@@ -166,7 +167,7 @@ def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: StoragePath,
             failure_config=tune.FailureConfig(max_failures=t.max_failures)))
 
 
-def _paths(spec: Any, resume: bool) -> tuple[StoragePath, dict[str, Any]]:
+def _paths(spec: SweepSpec, resume: bool) -> tuple[StoragePath, dict[str, Any]]:
     """The sweep's folder: a new one, or on --resume the one the state file names, which
     must be a folder directly under the spec's folder in the storage (never a path elsewhere:
     restoring unpickles what is there)."""
@@ -189,7 +190,7 @@ def _paths(spec: Any, resume: bool) -> tuple[StoragePath, dict[str, Any]]:
     return state_file.parent / f"sweep-{stamp}", {}
 
 
-def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
+def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = None,
               register: bool = True, tracking: bool = True, quiet: bool = False,
               run_tags: dict[str, str] | None = None,
               warm_start: list[dict[str, Any]] | None = None) -> SweepResult:
@@ -259,7 +260,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
             logger.close()
 
 
-def _save_state(spec: Any, path: Path, parent: ParentRun | None, uri: str | None) -> None:
+def _save_state(spec: SweepSpec, path: Path, parent: ParentRun | None, uri: str | None) -> None:
     """What ``--resume`` reads back: the Tune experiment and the parent run. The tracking URI
     is not stored (it may hold a password): a resume resolves it again from the spec and
     ``MLFLOW_TRACKING_URI``, as the first run did."""
@@ -270,7 +271,7 @@ def _save_state(spec: Any, path: Path, parent: ParentRun | None, uri: str | None
         "tracking": uri is not None, "spec": spec.name}, indent=2))
 
 
-def _finish(spec: Any, strategy: Strategy, grid: Any, raw: RawData,
+def _finish(spec: SweepSpec, strategy: Strategy, grid: Any, raw: RawData,
             local: dict[str, Prepared], parent: ParentRun | None,
             tracker: SweepTracker | None, uri: str | None, register: bool) -> SweepResult:
     best = best_trial(grid, spec.tune.metric, spec.tune.mode)

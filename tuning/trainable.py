@@ -24,6 +24,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.loop import Checkpoint, DivergedError, OnEpoch, resolve_device
 from trainer.models import precision
 from trainer.run import Hooks, train_run
+from tuning.config import SweepSpec
 from tuning.resources import cap_gpu_memory
 from tuning.space import decode_config, variant_key
 
@@ -37,7 +38,7 @@ DRIVER_CPU = 0.01
 class Shared:
     """What the driver hands every trial (small: the spec and object refs)."""
 
-    spec: Any
+    spec: SweepSpec
     prepared: dict[str, Any]
     """variant key -> ObjectRef of an ArrayData."""
     raw: Any
@@ -52,7 +53,7 @@ def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[Any, dict[str, A
     return shared.spec.with_overrides(overrides), overrides
 
 
-def get_prepared(shared: Shared, spec: Any, overrides: dict[str, Any]) -> ArrayData:
+def get_prepared(shared: Shared, spec: SweepSpec, overrides: dict[str, Any]) -> ArrayData:
     ref = shared.prepared.get(variant_key(overrides))
     if ref is not None:
         return ray.get(ref)
@@ -78,7 +79,7 @@ def _load(ckpt: Any) -> dict[str, Any] | None:
         return load_checkpoint(Path(d) / CKPT_FILE)
 
 
-def _restore(spec: Any) -> dict[str, Any] | None:
+def _restore(spec: SweepSpec) -> dict[str, Any] | None:
     state = _load(tune.get_checkpoint())
     if state is None:
         return None
@@ -106,7 +107,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
         tune.report(diverged_metrics(spec, exc))
 
 
-def _reporter(spec: Any, shared: Shared, extra: dict[str, Any], report: Any,
+def _reporter(spec: SweepSpec, shared: Shared, extra: dict[str, Any], report: Any,
               checkpoint_type: Any, rank: int = 0) -> OnEpoch:
     """``on_epoch`` for Tune (or Ray Train): every epoch reported with ``extra``; rank 0
     attaches a checkpoint when ``_should_save`` says so."""
@@ -125,7 +126,7 @@ def _reporter(spec: Any, shared: Shared, extra: dict[str, Any], report: Any,
     return on_epoch
 
 
-def diverged_metrics(spec: Any, exc: Exception) -> dict[str, Any]:
+def diverged_metrics(spec: SweepSpec, exc: Exception) -> dict[str, Any]:
     """A diverged trial reports the worst value once, so searchers avoid its region."""
     worst = WORST[spec.tune.mode]
     return {"epoch": -1, spec.tune.metric: worst, "val_loss": WORST["min"],
