@@ -18,29 +18,24 @@ on two machines against one storage see the same lease, and a crashed holder's l
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from jobs.challenger import champion_config, refit_challenger, sweep_challenger, warm_configs
 
 if TYPE_CHECKING:
     from tuning.storage import StoragePath
 
-CRASH_HOOK = "RUNGWISE_TEST_CRASH_BEFORE_PROMOTE"
 GATE_METRICS = {  # tune.metric -> (holdout metric for classification, for regression)
     "val_loss": ("test_loss", "test_rmse"),  # test_loss is standardised per model in regression
     "train_loss": ("test_loss", "test_rmse"),
     "val_accuracy": ("test_accuracy", "test_accuracy"),
     "val_rmse": ("test_rmse", "test_rmse"),
 }
-WARM_START_RUNS = 3
 
 
 @dataclass(frozen=True)
@@ -117,9 +112,9 @@ def decide(gate: Gate, champion: float | None, challenger: float, *, first_model
 def lock_path(spec: Any) -> StoragePath:
     """``<storage>/<spec name>/retrain.lock``, in the sweep's storage (``tune.storage``, else
     RUNGWISE_STORAGE): every machine that retrains this spec sees the same file."""
-    from tuning.storage import open_storage, safe_name
+    from tuning.storage import spec_folder
 
-    return open_storage(spec.tune.storage).path(safe_name(spec.name), "retrain.lock")
+    return spec_folder(spec) / "retrain.lock"
 
 
 @contextmanager
@@ -139,116 +134,6 @@ def retrain_lock(spec: Any, wait: bool = False) -> Iterator[StoragePath]:
         yield path
     finally:
         lease.release()
-
-
-# --- the champion's and earlier sweeps' configurations -------------------------------
-
-
-def parse_param(text: str) -> Any:
-    """An MLflow param (always a string) back to its value: ``"[64, 32]"`` -> ``[64, 32]``."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):  # YAML 1.1 reads "1e-05" as text; Python wrote a float
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def best_overrides(params: dict[str, str]) -> dict[str, Any]:
-    return {k.removeprefix("best."): parse_param(v) for k, v in sorted(params.items())
-            if k.startswith("best.")}
-
-
-def champion_config(cl: Any, name: str) -> dict[str, Any] | None:
-    """``best.*`` params of the champion version's source run; None without a champion."""
-    try:
-        version = cl.get_model_version_by_alias(name, "champion")
-    except Exception:  # no registered model or no alias: nothing to start from
-        return None
-    if not version.run_id:
-        return {}
-    return best_overrides(cl.get_run(version.run_id).data.params)
-
-
-def warm_configs(cl: Any, spec: Any, limit: int = WARM_START_RUNS) -> list[dict[str, Any]]:
-    """The champion's configuration, then the best of the latest finished sweeps/retrains."""
-    out: list[dict[str, Any]] = []
-    name = spec.tracking.register_as
-    first = champion_config(cl, name) if name else None
-    if first:
-        out.append(first)
-    exp = cl.get_experiment_by_name(spec.tracking.experiment or spec.name)
-    runs: list[Any] = []
-    for kind in ("sweep", "retrain") if exp is not None else ():
-        runs += cl.search_runs([exp.experiment_id], max_results=limit,
-                               filter_string=f"tags.`rungwise.kind` = '{kind}' and "
-                                             "attributes.status = 'FINISHED'",
-                               order_by=["attributes.start_time DESC"])
-    for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
-        config = best_overrides(run.data.params)
-        if config and config not in out:
-            out.append(config)
-    return out[:max(1, min(limit, spec.tune.num_samples))]
-
-
-# --- challengers ----------------------------------------------------------------------
-
-
-def sweep_challenger(spec: Any, cl: Any, warm: list[dict[str, Any]], address: str | None,
-                     quiet: bool) -> tuple[str, str, str]:
-    """A warm-started sweep, registered; -> (version, parent run id, data fingerprint)."""
-    from tuning.errors import RungwiseError
-    from tuning.sweep import run_sweep
-
-    tags = {"rungwise.kind": "retrain", "rungwise.retrain": "sweep",
-            "rungwise.warm_start": json.dumps(warm, default=str)[:5000]}
-    result = run_sweep(spec, resume=False, address=address, register=True, tracking=True,
-                       quiet=quiet, run_tags=tags, warm_start=warm)
-    if result.version is None or result.parent_run_id is None:
-        raise RungwiseError("retrain: the sweep registered no model")
-    run = cl.get_run(result.parent_run_id)
-    return result.version, result.parent_run_id, run.data.tags.get("rungwise.data_fingerprint", "")
-
-
-def refit_challenger(spec: Any, raw: Any, uri: str, overrides: dict[str, Any]) -> tuple[str, str]:
-    """Train ``overrides`` applied to the spec once on ``raw``; log, register -> (version, run)."""
-    from trainer.pipeline import prepare
-    from trainer.run import train_run
-    from tuning import registry
-    from tuning.tracking import RunLogger, experiment_id, log_params
-
-    rspec = spec.with_overrides(overrides) if overrides else spec
-    prepared = prepare(raw, rspec.impute)
-    logger = RunLogger(uri)
-    cl = logger.client
-    exp = experiment_id(cl, spec.tracking.experiment or spec.name)
-    run_id = cl.create_run(exp, run_name=f"refit-{spec.name}", tags={
-        "rungwise.kind": "retrain", "rungwise.retrain": "refit",
-        "rungwise.data_fingerprint": raw.fingerprint}).info.run_id
-    status = "FAILED"
-    try:
-        log_params(cl, run_id, {**rspec.flat(), **{f"best.{k}": v for k, v in overrides.items()}})
-        from tuning.lineage import from_raw, log_training_input
-
-        log_training_input(cl, run_id, from_raw(spec.data, raw))
-        result = train_run(rspec.model, rspec.train, prepared,
-                           on_epoch=lambda m, _c: logger.metrics(run_id, m, int(m["epoch"])))
-        logger.metrics(run_id, result.test_metrics, result.fit.epochs_run)
-        logger.flush()
-        model_uri = registry.log_bundle(run_id, result.bundle, prepared.example, uri)
-        version, _ = registry.register(uri, model_uri, spec.tracking.register_as, run_id)
-        status = "FINISHED"
-        return version, run_id
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        logger.close()
-        cl.set_terminated(run_id, status)
 
 
 # --- scoring, recording, promotion ------------------------------------------------------
@@ -300,8 +185,6 @@ def record(cl: Any, run_id: str, gate: Gate, d: Decision, versions: tuple[str | 
 
 def promote(cl: Any, name: str, version: str) -> None:
     """The one registry write that changes who serves; nothing after it can undo a retrain."""
-    if os.environ.get(CRASH_HOOK) == "1":
-        raise RuntimeError(f"{CRASH_HOOK}=1: crashing right before promotion (test hook)")
     cl.set_registered_model_alias(name, "champion", version)
 
 
@@ -342,7 +225,7 @@ def _retrain_locked(spec: Any, name: str, address: str | None, quiet: bool) -> R
     else:
         overrides = champion_config(cl, name) or {}
         warm = [overrides] if overrides else []
-        version, run_id = refit_challenger(spec, raw, uri, overrides)
+        version, run_id = refit_challenger(spec, raw, overrides)
     return _gate(spec, cl, uri, name, raw, (before, version, run_id), warm, blocker)
 
 
@@ -408,10 +291,9 @@ def report(r: RetrainResult) -> str:
 
 def retrain_command(spec: Any, wait: bool = False, address: str | None = None) -> int:
     """Exit 0 whether promoted or kept: keeping the champion is a successful outcome."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    from jobs.signals import sigterm_as_interrupt
 
-    signal.signal(signal.SIGTERM, handler)  # the scheduler stops a run with SIGTERM
+    sigterm_as_interrupt()  # the scheduler stops a run with SIGTERM
     print(f"rungwise retrain {spec.name}: {spec.schedule.retrain}, gate on "
           f"{gate_for(spec).metric}", flush=True)
     print(report(retrain(spec, wait=wait, address=address)), flush=True)

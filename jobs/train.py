@@ -7,9 +7,8 @@ from typing import Any
 
 from jobs.spec import JobSpec
 from trainer.memory import check_fits, machine_memory
-from trainer.models import explain_oom, is_oom, new_model
 from trainer.pipeline import load_and_prepare
-from trainer.run import RunResult, train_run
+from trainer.run import RunResult, build, train_run
 
 
 def train_command(spec: JobSpec, tracking: bool = True) -> int:
@@ -19,20 +18,16 @@ def train_command(spec: JobSpec, tracking: bool = True) -> int:
     if available:  # a run that cannot fit is refused before it starts
         check_fits(spec.model, spec.train, prepared.input_shape, prepared.n_outputs, available,
                    "this machine")
-    try:  # a model that does not fit the data, or memory, fails before MLflow
-        new_model(spec.model, prepared, seed=spec.train.seed)
-    except Exception as exc:
-        if is_oom(exc):
-            raise explain_oom(exc, spec.model, spec.train, int(prepared.x_train[0].size)) from None
-        raise
+    # a model that does not fit the data, or memory, fails before MLflow is touched
+    build(spec.model, spec.train, prepared)
     if not tracking:
         result = train_run(spec.model, spec.train, prepared)
         _summary(spec, result, prepared, time.perf_counter() - t0, None)
         return 0
     from tuning.single import tracked_run
 
-    result, run_id, uri = tracked_run(spec, prepared)
-    _summary(spec, result, prepared, time.perf_counter() - t0, (run_id, uri))
+    done = tracked_run(spec, prepared)
+    _summary(spec, done.result, prepared, time.perf_counter() - t0, (done.run_id, done.uri))
     return 0
 
 

@@ -2,42 +2,18 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from typing import Any
 
+from jobs.signals import sigterm_as_interrupt
 from jobs.spec import JobSpec
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """Do what Ctrl-C does now: inside ``Tuner.fit`` Tune's SIGINT handler stops the trials
-    and saves the sweep's state; elsewhere Python's raises KeyboardInterrupt."""
-    on_sigint = signal.getsignal(signal.SIGINT)
-    if callable(on_sigint):
-        on_sigint(signal.SIGINT, frame)
-    else:  # SIGINT ignored (a background job): interrupt anyway
-        raise KeyboardInterrupt
-
-
-def _install_sigterm() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM ends the sweep like Ctrl-C: runs marked KILLED, a resume hint printed, exit 130.
-
-    ``ray.init()`` replaces a SIGTERM handler set before it with one that aborts the process;
-    ``tuning.sweep.init_ray`` puts this one back (tested in tests/reliability)."""
-    _install_sigterm()
 
 
 def tune_command(spec: JobSpec, resume: bool = False, address: str | None = None,
                  register: bool = True, tracking: bool = True) -> int:
     from tuning.sweep import run_sweep
 
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()  # exit 130 with a resume hint, like Ctrl-C
     print(f"rungwise tune {spec.name}: {spec.tune.num_samples} trials, search "
           f"{spec.tune.search}, metric {spec.tune.metric} ({spec.tune.mode})", flush=True)
     try:

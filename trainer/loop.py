@@ -58,6 +58,8 @@ __all__ = ["DeviceError", "DivergedError", "FitResult", "TensorData", "evaluate"
 Checkpoint = Callable[[], dict[str, Any]]
 """Makes the checkpoint of the epoch just finished; call it inside ``on_epoch`` or not at all."""
 OnEpoch = Callable[[dict[str, Any], Checkpoint | None], None]
+STOP_KEYS = ("stopped_early", "stop_reason")
+"""Keys of the epoch's metrics at which early stopping ended the run (absent before)."""
 _SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
@@ -172,7 +174,8 @@ def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn: Lo
 
 
 def fit(model: nn.Module, data: TensorData, train: TrainSpec, on_epoch: OnEpoch | None = None,
-        checkpoint: dict[str, Any] | None = None, checkpoint_every: int = 1) -> FitResult:
+        checkpoint: dict[str, Any] | None = None, checkpoint_every: int = 1,
+        until_epoch: int | None = None) -> FitResult:
     """Train ``model`` on ``data.*_train``, validating on ``data.*_val`` after each epoch.
 
     ``on_epoch(metrics, ckpt)`` is called once per epoch with ``metrics`` = epoch (1-based),
@@ -181,7 +184,11 @@ def fit(model: nn.Module, data: TensorData, train: TrainSpec, on_epoch: OnEpoch 
     checkpoint as a plain dict (see ``checkpoint.save_checkpoint``), so that the copy off
     the device is made only when the caller decides to save. Pass such a dict as
     ``checkpoint`` to resume exactly where it was taken.
-    Early stopping watches val_loss; the best epoch's weights are restored at the end.
+    Early stopping watches val_loss and is decided here only: the epoch at which patience
+    runs out reports ``stopped_early=1`` and a ``stop_reason`` sentence in its metrics (and
+    ``FitResult.stopped_early``). The best epoch's weights are restored at the end.
+    ``until_epoch`` stops before ``train.epochs`` (a checkpoint already there trains no more:
+    its best weights are loaded, which is how a finished trial's model is rebuilt).
     """
     if torch.get_num_threads() != train.threads:
         torch.set_num_threads(train.threads)
@@ -196,12 +203,13 @@ def fit(model: nn.Module, data: TensorData, train: TrainSpec, on_epoch: OnEpoch 
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # dropout draws from a seeded, private RNG
         torch.manual_seed(train.seed + rank)
-        return _fit(model, data, train, on_epoch, checkpoint, checkpoint_every, rank, world)
+        return _fit(model, data, train, on_epoch, checkpoint, checkpoint_every, rank, world,
+                    train.epochs if until_epoch is None else min(until_epoch, train.epochs))
 
 
 def _fit(model: nn.Module, data: TensorData, cfg: TrainSpec, on_epoch: OnEpoch | None,
          checkpoint: dict[str, Any] | None, checkpoint_every: int, rank: int,
-         world: int) -> FitResult:
+         world: int, epochs: int) -> FitResult:
     net, device = unwrap(model), data.x_train.device
     opt = make_optimizer(model.parameters(), cfg)
     sched = make_scheduler(opt, cfg)
@@ -212,7 +220,7 @@ def _fit(model: nn.Module, data: TensorData, cfg: TrainSpec, on_epoch: OnEpoch |
         if rank > 0:  # the checkpoint holds rank 0's RNG: give this rank its own dropout masks
             torch.manual_seed(_rank_seed(cfg.seed, rank, state.epoch))
     loss_fn, autocast = loss_function(data.task), use_bf16(device)
-    while state.epoch < cfg.epochs and not state.stopped_early:
+    while state.epoch < epochs and not state.stopped_early:
         t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
         order = _shard(torch.randperm(len(data.x_train), generator=gen), rank, world)
         train_loss = _train_epoch(model, data, order.to(device), cfg, opt, loss_fn, autocast)
@@ -226,6 +234,9 @@ def _fit(model: nn.Module, data: TensorData, cfg: TrainSpec, on_epoch: OnEpoch |
         _update_best(state, val["val_loss"], net, cfg.early_stopping)
         metrics = {"epoch": state.epoch, "train_loss": train_loss, **val, "lr": lr,
                    "epoch_time_s": time.perf_counter() - t0}
+        if state.stopped_early:
+            metrics.update(zip(STOP_KEYS, (1, _stop_reason(cfg.early_stopping, state)),
+                               strict=True))
         state.history.append(metrics)
         if on_epoch is not None:
             due = checkpoint_every > 0 and state.epoch % checkpoint_every == 0
@@ -320,6 +331,13 @@ def _update_best(state: _State, val_loss: float, net: nn.Module,
         state.bad_epochs += 1
     if early_stopping is not None and state.bad_epochs >= early_stopping.patience:
         state.stopped_early = True
+
+
+def _stop_reason(early_stopping: Any, state: _State) -> str:
+    return (f"train.early_stopping: val_loss did not improve on {state.best_val_loss:.6g} "
+            f"(epoch {state.best_epoch}) by more than "
+            f"{float(getattr(early_stopping, 'min_delta', 0.0) or 0.0):g} "
+            f"for {early_stopping.patience} epochs")
 
 
 def make_optimizer(params: Any, cfg: TrainSpec) -> torch.optim.Optimizer:

@@ -1,35 +1,114 @@
-"""One training run from the spec's model + train sections and prepared data.
+"""One training run: build the spec's model for prepared data, fit it, evaluate it, bundle it.
 
-Used as is by `rungwise train`, by every Ray Tune trial and by every Ray Train worker: the
-side effects (reporting, checkpointing, logging) come in through ``on_epoch``.
+``train_run`` is the only place that builds and trains a model. Its callers differ only in
+the hooks they pass:
+
+* ``rungwise train`` and a refit retrain (tuning/single.py): ``on_epoch`` logs to MLflow;
+* a single-process Ray Tune trial (tuning/trainable.py): ``on_epoch`` reports to Tune and
+  saves checkpoints; ``resume_from`` is Tune's checkpoint after a retry or a pause;
+* each rank of a Ray Train DDP trial: the same, with ``wrap`` = DistributedDataParallel;
+* the best trial's evaluation after a sweep (tuning/results.py): ``resume_from`` is its last
+  checkpoint and ``until_epoch`` that checkpoint's epoch, so it trains no further and only
+  restores the best weights, evaluates them on the test split and bundles them.
+
+Out-of-memory errors of any of them become one ``OutOfMemory`` line here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.bundle import ModelBundle
 from trainer.loop import FitResult, OnEpoch, TensorData, evaluate, fit
 from trainer.models import explain_oom, is_oom, new_model
-from trainer.pipeline import Prepared
+
+if TYPE_CHECKING:  # pandas and scikit-learn: never imported by a trial worker
+    from trainer.arrays import ArrayData
+    from trainer.bundle import ModelBundle
+    from trainer.pipeline import Prepared
+
+
+@dataclass
+class Hooks:
+    """What a caller plugs into ``train_run``; every field is optional."""
+
+    on_epoch: OnEpoch | None = None
+    """``on_epoch(metrics, ckpt)`` after every epoch (see ``trainer.loop.fit``)."""
+    checkpoint_every: int = 0
+    """Offer ``on_epoch`` a checkpoint every this many epochs (0: never)."""
+    resume_from: dict[str, Any] | None = None
+    """A checkpoint to continue from (a dict that ``on_epoch``'s ``ckpt()`` returned)."""
+    until_epoch: int | None = None
+    """Stop at this epoch (default ``train.epochs``)."""
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    """Applied to the fresh model before training, e.g. DistributedDataParallel."""
+    gpu_share: float = 0.0
+    """The share of a GPU the run was given, named in an out-of-memory message."""
 
 
 @dataclass
 class RunResult:
     fit: FitResult
     test_metrics: dict[str, float]
-    bundle: ModelBundle
+    """Empty when the run was not asked to evaluate (a trial never sees the test split)."""
+    bundle: ModelBundle | None
+    """Imputer + encoder + weights; None without a preprocessor or evaluation."""
 
 
-def tensors_of(prepared: Prepared) -> TensorData:
-    return TensorData.from_prepared(prepared)
+def train_run(model_spec: Any, train_spec: Any, data: Prepared | ArrayData,
+              hooks: Hooks | None = None, *, evaluate_test: bool = True) -> RunResult:
+    """Build, fit (restoring the best epoch), and with ``evaluate_test`` evaluate on the test
+    split and bundle with the preprocessor (when ``data`` has one)."""
+    hooks = hooks or Hooks()
+    tensors = TensorData.from_prepared(data)
+    with explained_oom(model_spec, train_spec, data, hooks.gpu_share):
+        net = build(model_spec, train_spec, data)
+        model = hooks.wrap(net) if hooks.wrap is not None else net
+        result = fit(model, tensors, train_spec, on_epoch=hooks.on_epoch,
+                     checkpoint=hooks.resume_from, checkpoint_every=hooks.checkpoint_every,
+                     until_epoch=hooks.until_epoch)
+    if not evaluate_test:
+        return RunResult(fit=result, test_metrics={}, bundle=None)
+    metrics = test_metrics(net, tensors)
+    bundle = make_bundle(model_spec, data, net, metrics) if hasattr(data, "preprocessor") \
+        else None
+    return RunResult(fit=result, test_metrics=metrics, bundle=bundle)
+
+
+def build(model_spec: Any, train_spec: Any, data: Any) -> torch.nn.Module:
+    """The spec's network for ``data``, seeded by ``train.seed``; OOM explained."""
+    with explained_oom(model_spec, train_spec, data):
+        return new_model(model_spec, data, seed=train_spec.seed)
+
+
+@contextmanager
+def explained_oom(model_spec: Any, train_spec: Any, data: Any,
+                  gpu_share: float = 0.0) -> Iterator[None]:
+    """The one place where running out of memory becomes a one-line ``OutOfMemory``."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        raise explain_oom(exc, model_spec, train_spec, int(data.x_train[0].size),
+                          gpu_share=gpu_share, data_bytes=data_bytes(data)
+                          if gpu_share else 0) from None
+
+
+def data_bytes(data: Any) -> int:
+    """What the splits take on a device (features float32, as the arrays are)."""
+    return sum(int(getattr(data, f"{a}_{s}").nbytes) for a in "xy"
+               for s in ("train", "val", "test"))
 
 
 def make_bundle(model_spec: Any, prepared: Prepared, net: torch.nn.Module,
                 metrics: dict[str, float] | None = None) -> ModelBundle:
+    from trainer.bundle import ModelBundle
+
     spec_dict = model_spec.model_dump() if hasattr(model_spec, "model_dump") else dict(
         vars(model_spec))
     pre = prepared.preprocessor
@@ -45,21 +124,3 @@ def make_bundle(model_spec: Any, prepared: Prepared, net: torch.nn.Module,
 
 def test_metrics(net: torch.nn.Module, data: TensorData) -> dict[str, float]:
     return evaluate(net, data.x_test, data.y_test, data, prefix="test_")
-
-
-def train_run(model_spec: Any, train_spec: Any, prepared: Prepared,
-              on_epoch: OnEpoch | None = None, checkpoint: dict[str, Any] | None = None,
-              checkpoint_every: int = 0) -> RunResult:
-    """Build, fit (restoring the best epoch), evaluate on the test split, bundle."""
-    data = tensors_of(prepared)
-    try:
-        net = new_model(model_spec, prepared, seed=train_spec.seed)
-        result = fit(net, data, train_spec, on_epoch=on_epoch, checkpoint=checkpoint,
-                     checkpoint_every=checkpoint_every)
-    except Exception as exc:
-        if is_oom(exc):
-            raise explain_oom(exc, model_spec, train_spec, int(data.x_train[0].numel())) from None
-        raise
-    metrics = test_metrics(result.model, data)
-    return RunResult(fit=result, test_metrics=metrics,
-                     bundle=make_bundle(model_spec, prepared, result.model, metrics))

@@ -4,7 +4,8 @@ It runs in the driver (trials never talk to MLflow, so they may run on machines 
 reach the server), hands every write to ``RunLogger``'s background thread, and gives each
 child run a final status that says what happened:
 
-* ``finished``: ran all its epochs; ``early_stopped``: the trainer's patience ran out;
+* ``finished``: ran all its epochs; ``early_stopped``: the trainer's patience ran out (its
+  last result says so: ``stopped_early`` and ``stop_reason``, decided by ``fit`` alone);
 * ``stopped_by_scheduler``: ASHA / HyperBand / median rule stopped it (tags: the epoch and
   the metric at the stop);
 * ``diverged`` / ``failed``: the run is FAILED, with the reason as a tag.
@@ -30,16 +31,25 @@ STATUS_TAG = "rungwise.status"
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_rmse", "lr", "epoch_time_s")
 
 
-_LIVE: dict[str, SweepTracker] = {}
+_LIVE: dict[str, Callback] = {}
+_HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore",
+          "on_trial_save", "on_trial_result", "on_trial_complete", "on_trial_recover",
+          "on_trial_error", "on_checkpoint", "on_experiment_end")
 
 
-class MlflowSweepCallback(Callback):
-    """Tune pickles its run config (callbacks included) for restore: this proxy pickles as a
-    key only, and finds the live tracker of the same sweep again after ``Tuner.restore``."""
+class Live(Callback):
+    """A driver-side callback that survives ``Tuner.restore``.
 
-    def __init__(self, tracker: SweepTracker) -> None:
-        self.key = tracker.parent
-        _LIVE[self.key] = tracker
+    Tune pickles the run config (callbacks included) into the sweep's folder, and a restored
+    Tuner uses those unpickled copies. ``Live`` pickles as its key only and forwards every
+    Tune event to the callback registered under that key in this process: the resuming
+    driver registers its own callbacks (same keys: the sweep's path) before it restores, so
+    events reach the objects it reads afterwards. Without a registered callback (a resume
+    without tracking), events go nowhere."""
+
+    def __init__(self, key: str, target: Callback) -> None:
+        self.key = key
+        _LIVE[key] = target
 
     def __getstate__(self) -> dict[str, Any]:
         return {"key": self.key}
@@ -47,39 +57,56 @@ class MlflowSweepCallback(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.key = state["key"]
 
-    @property
-    def tracker(self) -> SweepTracker | None:
-        return _LIVE.get(self.key)
+    def release(self) -> None:
+        """The sweep ended: drop the registered callback."""
+        _LIVE.pop(self.key, None)
+
+
+def _forward(name: str) -> Any:
+    def hook(self: Live, *args: Any, **kwargs: Any) -> None:
+        target = _LIVE.get(self.key)
+        if target is not None:
+            getattr(target, name)(*args, **kwargs)
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in _HOOKS:
+    setattr(Live, _name, _forward(_name))
+
+
+class MlflowSweepCallback(Callback):
+    """Tune's events -> the sweep's ``SweepTracker`` (wrap it in ``Live`` for resumes)."""
+
+    def __init__(self, tracker: SweepTracker) -> None:
+        self.tracker = tracker
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self.tracker:
-            self.tracker.on_trial_start(trial)
+        self.tracker.on_trial_start(trial)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
-        if self.tracker:
-            self.tracker.on_trial_result(trial, result)
+        self.tracker.on_trial_result(trial, result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
-        if self.tracker:
-            self.tracker.on_trial_complete(trial)
+        self.tracker.on_trial_complete(trial)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self.tracker:
-            self.tracker.on_trial_error(trial)
+        self.tracker.on_trial_error(trial)
 
 
 class SweepTracker:
     def __init__(self, logger: RunLogger, experiment_id: str, parent_run_id: str,
-                 metric: str, max_epochs: int, early_stopping: Any = None) -> None:
+                 metric: str, max_epochs: int) -> None:
         self.logger, self.exp, self.parent = logger, experiment_id, parent_run_id
         self.metric, self.max_epochs = metric, max_epochs
-        self.early_stopping = early_stopping
         self.runs: dict[str, str] = {}
         self.logged_step: dict[str, int] = {}
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
+        """trial id -> its (epoch, val_loss) points: the parent run's plot and trials.csv"""
         self.dataset_input: Any = None
         """the sweep's training data (tuning/lineage.py), logged on each child"""
         self.scheduler: Any = None
@@ -146,14 +173,16 @@ class SweepTracker:
         epoch = int(last.get("epoch", 0) or 0)
         if last.get("diverged"):
             self._end(trial, "FAILED", "diverged", {"rungwise.error": str(last.get("error"))})
-        elif epoch < self.max_epochs and not self._patience_ran_out(trial.trial_id):
+        elif epoch < self.max_epochs and last.get("stopped_early"):
+            self._end(trial, "FINISHED", "early_stopped",
+                      {"rungwise.epochs": str(epoch),
+                       "rungwise.stop_reason": str(last.get("stop_reason", ""))})
+        elif epoch < self.max_epochs:
             value = last.get(self.metric)
             self._end(trial, "FINISHED", "stopped_by_scheduler",
                       {"rungwise.stopped_at_epoch": str(epoch),
                        "rungwise.stopped_metric": f"{self.metric}={value}",
                        "rungwise.stop_reason": self._stop_reason(trial.trial_id, value, epoch)})
-        elif epoch < self.max_epochs:
-            self._end(trial, "FINISHED", "early_stopped", {"rungwise.epochs": str(epoch)})
         else:
             self._end(trial, "FINISHED", "finished", {"rungwise.epochs": str(epoch)})
 
@@ -164,20 +193,6 @@ class SweepTracker:
         if rung is not None and rung_epoch != epoch:  # stopped later, not by a rung
             rung, at_rung = None, value
         return stop_sentence(rung, self.metric, at_rung, epoch, self.mode)
-
-    def _patience_ran_out(self, tid: str) -> bool:
-        """Replays the trainer's early-stopping rule on the trial's val_loss curve: a trial
-        that ended early without it was stopped by the scheduler (Tune marks both done)."""
-        es = self.early_stopping
-        if es is None:
-            return False
-        best, bad = float("inf"), 0
-        for _, value in sorted(self.curves.get(tid, [])):
-            if value < best - float(es.min_delta):
-                best, bad = value, 0
-            else:
-                bad += 1
-        return bad >= int(es.patience)
 
     def on_trial_error(self, trial: Any) -> None:
         error = _error_text(trial)

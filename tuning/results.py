@@ -9,9 +9,8 @@ from typing import Any
 
 from trainer.bundle import ModelBundle
 from trainer.checkpoint import load_checkpoint
-from trainer.models import new_model
 from trainer.pipeline import Prepared, RawData, prepare
-from trainer.run import make_bundle, tensors_of, test_metrics
+from trainer.run import Hooks, train_run
 from tuning.errors import RungwiseError
 from tuning.space import decode_config, variant_key
 from tuning.trainable import CKPT_FILE
@@ -69,17 +68,23 @@ def _checkpoint_dir(result: Any) -> Any:
 
 def evaluate_best(spec: Any, best: tuple[Any, float], raw: RawData,
                   local: dict[str, Prepared]) -> Evaluated:
+    """The best trial's model: ``train_run`` resumed from its last checkpoint with nothing
+    left to train restores the best epoch's weights, evaluates them on the test split and
+    bundles them with the fitted preprocessor."""
     result, value = best
     overrides = decode_config(result.config)
-    tspec = spec.with_overrides(overrides)
+    # the driver evaluates on its CPU, as the served model predicts: a GPU the trials had
+    # may not be here
+    tspec = spec.with_overrides({**overrides, "train.device": "cpu"})
+    # an imputation choice the driver did not enumerate was fitted inside the trial: the
+    # driver fits it again (same data, same seed) for the model's preprocessor
     prepared = local.get(variant_key(overrides)) or prepare(raw, tspec.impute)
     with _checkpoint_dir(result).as_directory() as d:
         state = load_checkpoint(Path(d) / CKPT_FILE)
-    net = new_model(tspec.model, prepared, seed=tspec.train.seed)
-    net.load_state_dict(state["best_state"] or state["model"])
-    metrics = test_metrics(net, tensors_of(prepared))
-    bundle = make_bundle(tspec.model, prepared, net, metrics)
+    run = train_run(tspec.model, tspec.train, prepared,
+                    Hooks(resume_from=state, until_epoch=int(state["epoch"])))
+    assert run.bundle is not None  # a Prepared has its preprocessor
     trial_id = str(result.metrics.get("trial_id", ""))
     return Evaluated(trial_id=trial_id, overrides=overrides, metric=spec.tune.metric,
-                     value=float(value), test_metrics=metrics, bundle=bundle,
+                     value=float(value), test_metrics=run.test_metrics, bundle=run.bundle,
                      example=prepared.example)

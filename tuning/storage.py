@@ -87,6 +87,12 @@ def open_storage(value: str | None = None) -> Storage:
     return Storage(given, fs, root.rstrip("/"), scheme.lower(), query)
 
 
+def spec_folder(spec: Any) -> StoragePath:
+    """``<storage>/<spec name>``: where a spec's sweeps, their state file and its retrain
+    lease live (the one place that computes it)."""
+    return open_storage(spec.tune.storage).path(safe_name(spec.name))
+
+
 class StoragePath:
     """A path inside a storage, read and written through its pyarrow filesystem.
 

@@ -24,7 +24,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from trainer.pipeline import Prepared, RawData, prepare, split_data
 from tuning import registry
-from tuning.callback import MlflowSweepCallback, SweepTracker
+from tuning.callback import Live, MlflowSweepCallback, SweepTracker
 from tuning.errors import RungwiseError
 from tuning.fits import check_sweep_fits
 from tuning.localray import loopback_node
@@ -33,7 +33,7 @@ from tuning.progress import ProgressCallback
 from tuning.resources import Cluster, Settled, check_fits, read_cluster, settle
 from tuning.results import best_trial, evaluate_best
 from tuning.space import impute_variants, validate_space, variant_key
-from tuning.storage import StoragePath, child_of, open_storage, preflight, safe_name
+from tuning.storage import StoragePath, child_of, preflight, spec_folder
 from tuning.strategies import Strategy, build_strategy
 from tuning.tracking import RunLogger, check_reachable, resolve_tracking_uri
 from tuning.trainable import DRIVER_CPU, Shared, run_ddp_trial, run_trial
@@ -57,14 +57,8 @@ class SweepResult:
     tracking_uri: str | None = None
 
 
-def storage_root(spec: Any = None) -> StoragePath:
-    """``tune.storage``, else ``RUNGWISE_STORAGE``, else ``./rungwise-runs``: see tuning.storage."""
-    storage = open_storage(getattr(getattr(spec, "tune", None), "storage", None))
-    return storage.path()
-
-
 def _state_path(spec: Any) -> StoragePath:
-    return storage_root(spec) / safe_name(spec.name) / STATE_FILE
+    return spec_folder(spec) / STATE_FILE
 
 
 def init_ray(address: str | None) -> None:
@@ -147,13 +141,11 @@ def _gpus(spec: Any) -> tuple[Settled, Cluster]:
 def _tuner(spec: Any, strategy: Strategy, trainable: Any, path: StoragePath,
            callbacks: list[Any], resume: bool) -> tune.Tuner:
     if resume:
-        tuner = tune.Tuner.restore(path.fs_path, trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=strategy.param_space,
-                                   storage_filesystem=path.fs)
-        internal = getattr(tuner, "_local_tuner", None)  # the live callbacks, not pickled ones
-        if internal is not None and hasattr(internal, "_run_config"):
-            internal._run_config.callbacks = callbacks
-        return tuner
+        # the run config, callbacks included, comes back from the sweep's folder: the
+        # ``Live`` callbacks in it find this driver's objects by key (tuning/callback.py)
+        return tune.Tuner.restore(path.fs_path, trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=strategy.param_space,
+                                  storage_filesystem=path.fs)
     t = spec.tune
     return tune.Tuner(
         trainable, param_space=strategy.param_space,
@@ -232,7 +224,7 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     _save_state(spec, path, parent, uri)
     logger = RunLogger(uri) if uri else None
     tracker = SweepTracker(logger, parent.experiment_id, parent.run_id, spec.tune.metric,
-                           spec.train.epochs, spec.train.early_stopping) \
+                           spec.train.epochs) \
         if logger and parent else None
     if tracker is not None:  # ASHA's rungs explain the trials it stops (tuning/rungs.py)
         tracker.scheduler, tracker.mode = strategy.scheduler, spec.tune.mode
@@ -243,8 +235,9 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
     # the trials then lack; result.json is what rungwise reads back, so only it is kept.
     # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in the environment brings the others back.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    callbacks: list[Any] = [progress, PgJanitor(), JsonLoggerCallback()] + (
-        [MlflowSweepCallback(tracker)] if tracker else [])
+    live = [Live(f"{path}#progress", progress), Live(f"{path}#janitor", PgJanitor())] + (
+        [Live(f"{path}#mlflow", MlflowSweepCallback(tracker))] if tracker else [])
+    callbacks: list[Any] = [*live[:2], JsonLoggerCallback(), *live[2:]]
     try:
         tuner = _tuner(spec, strategy, _trainable(spec, shared), path, callbacks, resume)
         grid = tuner.fit()
@@ -260,6 +253,8 @@ def run_sweep(spec: Any, *, resume: bool = False, address: str | None = None,
             parent.end(exc)
         raise
     finally:
+        for cb in live:
+            cb.release()
         if logger is not None:
             logger.close()
 

@@ -2,17 +2,16 @@
 
 The data was prepared once in the driver and arrives through Ray's object store (one
 ``ArrayData`` per distinct imputation choice: arrays only, so a trial worker never imports
-pandas or scikit-learn); a trial only builds its model and trains it.
+pandas or scikit-learn); a trial calls ``trainer.run.train_run``, as every other training
+does, with hooks that report each epoch to Tune (or Ray Train) and save checkpoints.
 Checkpoints are written when the validation loss improves (the best weights are then in the
 latest checkpoint), when a pausing scheduler needs them, and on the last epoch.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from ray import tune
 
 from trainer.arrays import ArrayData
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.loop import Checkpoint, DivergedError, TensorData, fit, resolve_device
-from trainer.models import explain_oom, is_oom, new_model, precision
+from trainer.loop import Checkpoint, DivergedError, OnEpoch, resolve_device
+from trainer.models import precision
+from trainer.run import Hooks, train_run
 from tuning.resources import cap_gpu_memory
 from tuning.space import decode_config, variant_key
 
@@ -31,10 +31,6 @@ CKPT_FILE = "checkpoint.pt"
 WORST = {"min": 1e9, "max": -1e9}
 DRIVER_CPU = 0.01
 """CPU held by the Tune trial that drives a multi-worker Ray Train run (0 is refused)."""
-FAULT_ENV = "RUNGWISE_TEST_FAULT"
-"""Test-only hook: ``crash:<rate>:<epoch>[:always]`` (see ``_fault_hook``, tests/reliability)."""
-FAULT_DIR_ENV = "RUNGWISE_TEST_FAULT_DIR"
-"""Test-only: the folder of the fault hook's marker files (default: the temp folder)."""
 
 
 @dataclass
@@ -49,10 +45,6 @@ class Shared:
     checkpoint_every: int
     storage_path: str = ""
     """Absolute: where Ray Train keeps the checkpoints of multi-worker trials."""
-    fault: str = field(default_factory=lambda: os.environ.get(FAULT_ENV, ""))
-    fault_dir: str = field(default_factory=lambda: os.environ.get(FAULT_DIR_ENV, ""))
-    """Test-only: the driver's fault-hook settings, read when the sweep starts. Workers of a
-    Ray instance that is already running never see variables set in the driver later."""
 
 
 def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -78,12 +70,18 @@ def _should_save(metrics: dict[str, Any], best: list[float], every: int, epochs:
     return improved or epoch == epochs or (every > 0 and epoch % every == 0)
 
 
-def _restore(spec: Any) -> dict[str, Any] | None:
-    ckpt = tune.get_checkpoint()
+def _load(ckpt: Any) -> dict[str, Any] | None:
+    """A Tune / Ray Train checkpoint's state, or None."""
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        state = load_checkpoint(Path(d) / CKPT_FILE)
+        return load_checkpoint(Path(d) / CKPT_FILE)
+
+
+def _restore(spec: Any) -> dict[str, Any] | None:
+    state = _load(tune.get_checkpoint())
+    if state is None:
+        return None
     for group in state["optimizer"]["param_groups"]:  # PBT may have changed train.lr
         group["lr"] = spec.train.lr
         group["initial_lr"] = spec.train.lr
@@ -92,55 +90,39 @@ def _restore(spec: Any) -> dict[str, Any] | None:
 
 def run_trial(config: dict[str, Any], shared: Shared) -> None:
     """The Tune function trainable for a single-process trial."""
-    try:
-        _run_trial(config, shared)
-    except Exception as exc:
-        if is_oom(exc):
-            spec, _ = trial_spec(shared, config)
-            arrays = ray.get(next(iter(shared.prepared.values()))) if shared.prepared else None
-            n_inputs = int(arrays.x_train[0].size) if arrays is not None else 0
-            raise explain_oom(exc, spec.model, spec.train, n_inputs,
-                              gpu_share=float(spec.resources.gpus_per_worker),
-                              data_bytes=data_bytes(arrays)) from None
-        raise
-
-
-def data_bytes(arrays: ArrayData | None) -> int:
-    """What a trial's splits take on its device (features float32, as the arrays are)."""
-    if arrays is None:
-        return 0
-    return sum(int(getattr(arrays, f"{a}_{s}").nbytes) for a in "xy"
-               for s in ("train", "val", "test"))
-
-
-def _run_trial(config: dict[str, Any], shared: Shared) -> None:
     spec, overrides = trial_spec(shared, config)
     torch.set_num_threads(spec.train.threads)
     device = resolve_device(spec.train.device)  # settled by the driver: cpu without a GPU
-    cap_gpu_memory(float(spec.resources.gpus_per_worker), device)  # before any allocation
+    gpu_share = float(spec.resources.gpus_per_worker)
+    cap_gpu_memory(gpu_share, device)  # before any allocation
     prepared = get_prepared(shared, spec, overrides)
-    data = TensorData.from_prepared(prepared)
-    net = new_model(spec.model, prepared, seed=spec.train.seed)
-    best = [float("inf")]
-    fault = _fault_hook(shared)
-    tag = {"precision": precision(device)}
-
-    def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
-        fault(int(metrics["epoch"]))
-        metrics.update(tag)
-        if ckpt is not None and _should_save(metrics, best, shared.checkpoint_every,
-                                             spec.train.epochs):
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(ckpt(), Path(d) / CKPT_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        else:
-            tune.report(metrics)
-
+    report = _reporter(spec, shared, {"precision": precision(device)}, tune.report,
+                       tune.Checkpoint)
+    hooks = Hooks(on_epoch=report, checkpoint_every=1, resume_from=_restore(spec),
+                  gpu_share=gpu_share)
     try:
-        fit(net, data, spec.train, on_epoch=on_epoch, checkpoint=_restore(spec),
-            checkpoint_every=1)
+        train_run(spec.model, spec.train, prepared, hooks, evaluate_test=False)
     except DivergedError as exc:
         tune.report(diverged_metrics(spec, exc))
+
+
+def _reporter(spec: Any, shared: Shared, extra: dict[str, Any], report: Any,
+              checkpoint_type: Any, rank: int = 0) -> OnEpoch:
+    """``on_epoch`` for Tune (or Ray Train): every epoch reported with ``extra``; rank 0
+    attaches a checkpoint when ``_should_save`` says so."""
+    best = [float("inf")]
+
+    def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
+        metrics = {**metrics, **extra}
+        if rank == 0 and ckpt is not None and _should_save(
+                metrics, best, shared.checkpoint_every, spec.train.epochs):
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(ckpt(), Path(d) / CKPT_FILE)
+                report(metrics, checkpoint=checkpoint_type.from_directory(d))
+        else:
+            report(metrics)
+
+    return on_epoch
 
 
 def diverged_metrics(spec: Any, exc: Exception) -> dict[str, Any]:
@@ -179,47 +161,37 @@ def run_ddp_trial(config: dict[str, Any], shared: Shared) -> None:
 
 
 def ddp_worker(loop_config: dict[str, Any]) -> None:
-    """One DDP rank: the same ``fit`` as a single trial, on this rank's shard."""
+    """One DDP rank: the same ``train_run`` as a single trial, on this rank's shard."""
     import ray.train
     import ray.train.torch
     from ray.util import get_current_placement_group
-    from torch.nn.parallel import DistributedDataParallel
 
     shared: Shared = loop_config["shared"]
     spec, overrides = trial_spec(shared, loop_config["config"])
     torch.set_num_threads(spec.train.threads)
     prepared = get_prepared(shared, spec, overrides)
     device = ray.train.torch.get_device()
-    net = new_model(spec.model, prepared, seed=spec.train.seed).to(device)
-    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                    else None)
     rank = ray.train.get_context().get_world_rank()
     pg = get_current_placement_group()
     extra = {"pg_id": pg.id.hex()} if pg is not None else {}
     extra["precision"] = precision(device)
     extra["nodes"] = _nodes_of_ranks()
-    best = [float("inf")]
-
-    def on_epoch(metrics: dict[str, Any], ckpt: Checkpoint | None) -> None:
-        metrics = {**metrics, **extra}
-        if rank == 0 and ckpt is not None and _should_save(
-                metrics, best, shared.checkpoint_every, spec.train.epochs):
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(ckpt(), Path(d) / CKPT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-
-    ckpt = ray.train.get_checkpoint()
-    state = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(Path(d) / CKPT_FILE)
+    report = _reporter(spec, shared, extra, ray.train.report, ray.train.Checkpoint, rank)
+    hooks = Hooks(on_epoch=report, checkpoint_every=1 if rank == 0 else 0,
+                  resume_from=_load(ray.train.get_checkpoint()),
+                  wrap=lambda net: _ddp(net, device),
+                  gpu_share=float(spec.resources.gpus_per_worker))
     try:
-        fit(model, TensorData.from_prepared(prepared), spec.train, on_epoch=on_epoch,
-            checkpoint=state, checkpoint_every=1 if rank == 0 else 0)
+        train_run(spec.model, spec.train, prepared, hooks, evaluate_test=False)
     except DivergedError as exc:
         ray.train.report({**diverged_metrics(spec, exc), **extra})
+
+
+def _ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net.to(device), device_ids=[device.index]
+                                   if device.type == "cuda" else None)
 
 
 def _nodes_of_ranks() -> int:
@@ -230,55 +202,3 @@ def _nodes_of_ranks() -> int:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return len(set(everyone))
-
-
-def _fault_hook(shared: Shared) -> Any:
-    """Test-only fault injection, off unless ``RUNGWISE_TEST_FAULT`` is set in the driver
-    (when the sweep starts) or in the trial's environment.
-
-    ``crash:RATE:EPOCH[:always]`` crashes the share RATE of trials at EPOCH, once (the retry
-    from the last checkpoint then succeeds) or on every attempt. Trials are numbered in the
-    order they first reach the hook (claim files in ``RUNGWISE_TEST_FAULT_DIR``), and trial
-    n is chosen when floor((n+1)*RATE) > floor(n*RATE): exactly floor(N*RATE) of the first N
-    trials crash, whatever their random ids. Use a fresh folder per sweep. The file
-    ``rungwise-fault-crashed-<trial id>`` records each injected crash, one line per attempt."""
-    spec = shared.fault or os.environ.get(FAULT_ENV, "")
-    if not spec.startswith("crash:"):
-        return lambda epoch: None
-    _, rate, at, *mode = spec.split(":")
-    folder = Path(shared.fault_dir or os.environ.get(FAULT_DIR_ENV) or tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
-    trial_id = tune.get_context().get_trial_id()
-    marker = folder / f"rungwise-fault-crashed-{trial_id}"
-    n = _arrival(folder, trial_id)
-    chosen = math.floor((n + 1) * float(rate) + 1e-9) > math.floor(n * float(rate) + 1e-9)
-    always = mode == ["always"]
-
-    def hook(epoch: int) -> None:
-        if chosen and epoch == int(at) and (always or not marker.exists()):
-            with marker.open("a") as fh:
-                fh.write(f"crashed at epoch {epoch}\n")
-            raise RuntimeError(f"injected fault at epoch {epoch} (test hook)")
-
-    return hook
-
-
-def _arrival(folder: Path, trial_id: str) -> int:
-    """This trial's number in arrival order: the first free ``rungwise-fault-claim-<k>``
-    file, taken atomically (O_EXCL), so that concurrent trials never share a number."""
-    mine = folder / f"rungwise-fault-seq-{trial_id}"
-    if mine.exists():
-        return int(mine.read_text())
-    n = 0
-    while True:
-        try:
-            fd = os.open(folder / f"rungwise-fault-claim-{n:05d}",
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            n += 1
-            continue
-        os.write(fd, trial_id.encode())
-        os.close(fd)
-        break
-    mine.write_text(str(n))
-    return n

@@ -22,14 +22,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from jobs.challenger import parse_param
 from jobs.cli import UserError
 from jobs.retrain import (
-    CRASH_HOOK,
     Gate,
     decide,
     gate_for,
     lock_path,
-    parse_param,
     retrain,
     retrain_lock,
 )
@@ -91,7 +90,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def _storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNGWISE_STORAGE", str(tmp_path / "storage"))
-    monkeypatch.delenv(CRASH_HOOK, raising=False)
 
 
 def client(uri: str) -> Any:
@@ -230,14 +228,32 @@ def test_refit_first_model_then_promotes_champion_config_on_better_data(
     assert "better by" in t["rungwise.reason"]
 
 
+CRASH = "injected crash right before promotion, by the test"
+
+
+def crash_before_promote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies at the one registry write that moves ``champion`` (jobs/retrain.py's
+    ``promote``), before MLflow sees it; every write before it is real."""
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.set_registered_model_alias
+
+    def set_alias(self: Any, name: str, alias: str, version: Any) -> None:
+        if alias == "champion":
+            raise RuntimeError(CRASH)
+        real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_alias)
+
+
 def test_crash_before_promote_leaves_the_champion(
         tmp_path: Path, mlflow_uri: str, data: dict[str, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_spec(tmp_path, data["noisy"], mlflow_uri, retrain="refit")
     retrain(load_spec(path))
-    monkeypatch.setenv(CRASH_HOOK, "1")
+    crash_before_promote(monkeypatch)
     spec = load_spec(path, {"data.path": str(data["good"])})
-    with pytest.raises(RuntimeError, match=CRASH_HOOK):
+    with pytest.raises(RuntimeError, match=CRASH):
         retrain(spec)
     assert alias(mlflow_uri, "champion") == "1"
     assert alias(mlflow_uri, "challenger") == "2"

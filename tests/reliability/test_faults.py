@@ -10,9 +10,9 @@
   ``rungwise train`` exits 2 with one line;
 * a retrain whose challenger cannot be evaluated promotes nothing.
 
-Crashes come from the trainable's test-only hook (``RUNGWISE_TEST_FAULT``, see
-``tuning.trainable._fault_hook``): the driver reads it when the sweep starts and ships it to
-the trials, so it reaches the workers of the session's already running Ray.
+Crashes come from a test-only wrapper around the product's trainable (tests/reliability/
+faults.py): the driver pickles it into the trials, so it reaches the workers of the session's
+already running Ray; the product carries no fault hook.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tests.jobs.test_retrain import NAME as RETRAIN_NAME
 from tests.jobs.test_retrain import alias as retrain_alias
 from tests.jobs.test_retrain import data  # noqa: F401 - the fixture, reused
 from tests.jobs.test_retrain import write_spec as write_retrain_spec
+from tests.reliability.faults import crashing
 from tests.tuning.test_sweep import children, small_spec
 from tuning.sweep import run_sweep
 
@@ -41,9 +42,9 @@ LR_SPACE = {"train.lr": {"loguniform": [1e-3, 1e-2]}}
 
 
 def _faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> Path:
+    """Every trial of the next sweep runs through the crashing wrapper (``fault``: see there)."""
     folder = tmp_path / "faults"
-    monkeypatch.setenv("RUNGWISE_TEST_FAULT", fault)
-    monkeypatch.setenv("RUNGWISE_TEST_FAULT_DIR", str(folder))
+    monkeypatch.setattr(tuning.sweep, "run_trial", crashing(fault, folder))
     return folder
 
 

@@ -91,7 +91,7 @@ def test_a_signal_stops_the_sweep_cleanly_and_resume_finishes_it(
     gate.mkdir()
     env = {**os.environ, "RUNGWISE_STORAGE": str(storage), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{GATE_PLUGIN}{os.pathsep}{ROOT}", "RUNGWISE_TEST_GATE": str(gate)}
-    for key in ("RAY_ADDRESS", "RUNGWISE_DEBUG", "RUNGWISE_TEST_FAULT"):
+    for key in ("RAY_ADDRESS", "RUNGWISE_DEBUG"):
         env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "tune", str(path)], cwd=tmp_path,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL,

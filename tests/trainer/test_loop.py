@@ -114,6 +114,41 @@ def test_early_stopping_stops_and_restores_best_weights() -> None:
     assert now["val_loss"] == result.best_val_loss
 
 
+def test_the_epoch_that_stops_early_says_so_and_no_other_does() -> None:
+    """Early stopping is decided in ``fit`` and reported with the epoch (Tune's callback and
+    the CLI read it; nobody replays the rule on the val_loss curve)."""
+    data = make_data(n=120, label_noise=0.3)
+    spec = train_spec(epochs=300, lr=3e-2, batch_size=16,
+                      early_stopping=SimpleNamespace(patience=3, min_delta=0.0))
+    seen: list[dict[str, Any]] = []
+    result = run(data, spec, model_spec([128, 128], dropout=0.0),
+                 on_epoch=lambda m, c: seen.append(m))
+    assert [m["epoch"] for m in seen if "stopped_early" in m] == [result.epochs_run]
+    last = seen[-1]
+    assert last["stopped_early"] == 1
+    assert last["stop_reason"] == (
+        f"train.early_stopping: val_loss did not improve on {result.best_val_loss:.6g} "
+        f"(epoch {result.best_epoch}) by more than 0 for 3 epochs")
+    assert all("stop_reason" not in m for m in seen[:-1])
+
+
+def test_until_epoch_at_the_checkpoint_trains_no_more_and_loads_the_best_weights() -> None:
+    """How a finished trial's model is rebuilt from its last checkpoint (tuning/results.py)."""
+    data = make_data(n=120, label_noise=0.3)
+    spec = train_spec(epochs=12, lr=3e-2, batch_size=16)
+    ckpts: list[dict[str, Any]] = []
+    full = run(data, spec, model_spec([128, 128], dropout=0.0),
+               on_epoch=lambda m, c: ckpts.append(c()) if m["epoch"] == 8 and c else None)
+    calls: list[int] = []
+    again = run(data, spec, model_spec([128, 128], dropout=0.0), checkpoint=ckpts[0],
+                until_epoch=8, on_epoch=lambda m, c: calls.append(m["epoch"]))
+    assert calls == [] and again.epochs_run == 8
+    best8 = min(full.history[:8], key=lambda h: h["val_loss"])
+    assert again.best_epoch == best8["epoch"] and again.best_val_loss == best8["val_loss"]
+    now = evaluate(again.model, data.x_val, data.y_val, data, prefix="val_")["val_loss"]
+    assert now == best8["val_loss"]
+
+
 def test_best_weights_restored_without_early_stopping() -> None:
     data = make_data(n=120, label_noise=0.3)
     result = run(data, train_spec(epochs=25, lr=3e-2, batch_size=16),

@@ -12,6 +12,7 @@ import torch
 from trainer.arrays import ArrayData
 from trainer.config import ModelSpec, TrainSpec
 from trainer.models import explain_oom
+from trainer.run import data_bytes
 from tuning.config import ResourcesSpec
 from tuning.errors import RungwiseError
 from tuning.resources import (
@@ -23,7 +24,6 @@ from tuning.resources import (
     node_types_of,
     settle,
 )
-from tuning.trainable import data_bytes
 
 CPU4 = {"CPU": 4.0}
 GPU1 = {"CPU": 8.0, "GPU": 1.0}
