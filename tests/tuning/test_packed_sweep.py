@@ -1,0 +1,138 @@
+"""tune.pack: packed sweeps give the trials unpacked sweeps give, in Tune and in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs.spec import load_spec
+from tests.conftest import EXAMPLES
+from trainer.config import SpecError
+from tuning.packed_trial import AUTO_SIZE, pack_size
+from tuning.sweep import run_sweep
+
+SPACE = {"train.lr": {"loguniform": [1e-3, 3e-2]}, "model.dropout": {"uniform": [0.0, 0.3]},
+         "train.seed": {"choice": [0, 1, 2]}}
+
+
+def spec_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str | None,
+            **overrides: Any) -> Any:
+    monkeypatch.setenv("RUNGWISE_STORAGE", str(tmp_path / "runs"))
+    base = {"train.epochs": 3, "train.early_stopping": None, "tune.num_samples": 4,
+            "tune.max_concurrent": 1, "tune.search": "random", "tune.space": SPACE,
+            "tracking.uri": uri, "tracking.register_as": None, "model.hidden": [16],
+            "train.batch_size": 256}
+    return load_spec(EXAMPLES / "adult.yaml").with_overrides({**base, **overrides})
+
+
+def children(uri: str, parent: str) -> list[Any]:
+    cl = MlflowClient(uri)
+    exp = cl.get_run(parent).info.experiment_id
+    return list(cl.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'",
+                               max_results=100))
+
+
+def trials(uri: str, parent: str) -> dict[tuple[str, ...], Any]:
+    """The sweep's child runs by their searched values (distinct in these sweeps)."""
+    kids = children(uri, parent)
+    by_params = {tuple(sorted(k.data.params.items())): k for k in kids}
+    assert len(by_params) == len(kids)
+    return by_params
+
+
+def history(uri: str, run: Any, key: str = "val_loss") -> list[float]:
+    return [m.value for m in MlflowClient(uri).get_metric_history(run.info.run_id, key)]
+
+
+def test_pack_settings_are_checked_with_one_line_naming_tune_pack() -> None:
+    for value in (1, "sometimes", True):
+        with pytest.raises(SpecError, match=r"^tune.pack: must be off, auto or a whole number"):
+            load_spec(EXAMPLES / "adult.yaml", {"tune.pack": value})
+    cases = {"model.kind": "cnn", "resources.workers_per_trial": 2, "tune.search": "pbt"}
+    for key, value in cases.items():
+        with pytest.raises(SpecError, match=r"^tune.pack: 4 .*(cnn|workers_per_trial|pauses)"):
+            load_spec(EXAMPLES / "adult.yaml", {"tune.pack": 4, key: value})
+    assert load_spec(EXAMPLES / "adult.yaml", {"tune.pack": False}).tune.pack == "off"
+
+
+def test_auto_packs_only_where_pack_pays_for_every_model_of_the_space() -> None:
+    def size(**kw: Any) -> int:
+        return pack_size(load_spec(EXAMPLES / "adult.yaml", {"tune.pack": "auto", **kw}))
+
+    small = {"model.hidden": {"choice": [[32], [64]]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert size(**{"tune.space": small, "train.batch_size": 128}) == AUTO_SIZE
+    # the example's space holds [256, 128], which does not pay on a CPU: no packing at all
+    assert size() == 1
+    assert size(**{"tune.space": small, "model.kind": "cnn"}) == 1
+    assert size(**{"tune.space": small, "tune.search": "hyperband"}) == 1
+    assert pack_size(load_spec(EXAMPLES / "adult.yaml", {"tune.pack": 4})) == 4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_packed_sweep_gives_the_unpacked_sweeps_trials(ray_session: None, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       mlflow_uri: str) -> None:
+    got = {}
+    for pack in ("off", 4):
+        spec = spec_of(tmp_path, monkeypatch, mlflow_uri, **{"tune.pack": pack})
+        result = run_sweep(spec, quiet=True, register=False)
+        got[pack] = (result, trials(mlflow_uri, result.parent_run_id))
+    (plain, plain_runs), (packed, packed_runs) = got["off"], got[4]
+    assert len(packed_runs) == 4 and set(packed_runs) == set(plain_runs)
+    for params, mine in packed_runs.items():
+        theirs = plain_runs[params]
+        assert mine.info.status == theirs.info.status == "FINISHED"
+        assert mine.data.tags["rungwise.status"] == theirs.data.tags["rungwise.status"]
+        assert history(mlflow_uri, mine) == pytest.approx(history(mlflow_uri, theirs),
+                                                          rel=1e-4)
+        for key in ("val_accuracy", "train_loss"):
+            assert mine.data.metrics[key] == pytest.approx(theirs.data.metrics[key], rel=1e-4)
+    assert packed.best_overrides == plain.best_overrides
+    assert packed.test_metrics == pytest.approx(plain.test_metrics, rel=1e-4)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_packed_members_one_by_one(ray_session: None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               mlflow_uri: str) -> None:
+    space = {"train.lr": {"choice": [1e-5, 1e-5, 3e-3, 3e-3, 1e-5, 1e-5]}}
+    spec = spec_of(tmp_path, monkeypatch, mlflow_uri, **{
+        "tune.search": "asha", "tune.space": space, "tune.num_samples": 6, "tune.pack": 3,
+        "train.epochs": 6, "tune.grace_period": 1, "tune.reduction_factor": 3,
+        "train.optimizer": "sgd", "train.momentum": 0.0})
+    result = run_sweep(spec, quiet=True, register=False)
+    kids = children(mlflow_uri, result.parent_run_id)
+    assert len(kids) == 6 and {k.info.status for k in kids} == {"FINISHED"}
+    stopped = [k for k in kids if k.data.tags["rungwise.status"] == "stopped_by_scheduler"]
+    assert stopped and len(stopped) < 6, [k.data.tags["rungwise.status"] for k in kids]
+    for kid in stopped:  # each its own run, its curve ending where ASHA stopped it
+        at = int(kid.data.tags["rungwise.stopped_at_epoch"])
+        assert at < 6 and len(history(mlflow_uri, kid)) == at
+    assert result.best_overrides["train.lr"] == 3e-3
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_diverging_member_fails_alone(ray_session: None, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        mlflow_uri: str) -> None:
+    # lr 10 with SGD momentum 0.99 on batches of 32: NaN in epoch 1 (tests/reliability)
+    spec = spec_of(tmp_path, monkeypatch, mlflow_uri, **{
+        "tune.search": "grid", "tune.space": {"train.lr": {"grid": [10.0, 3e-3, 1e-2]}},
+        "tune.pack": 3, "train.epochs": 2, "train.optimizer": "sgd", "train.momentum": 0.99,
+        "train.batch_size": 32})
+    result = run_sweep(spec, quiet=True, register=False)
+    by_lr = {float(dict(p)["train.lr"]): k for p, k in
+             trials(mlflow_uri, result.parent_run_id).items()}
+    bad = by_lr.pop(10.0)
+    assert bad.info.status == "FAILED" and bad.data.tags["rungwise.status"] == "diverged"
+    assert "train.lr: loss became" in bad.data.tags["rungwise.error"]
+    for good in by_lr.values():
+        assert good.info.status == "FINISHED" and good.data.tags["rungwise.status"] == "finished"
+        assert len(history(mlflow_uri, good)) == 2
+    assert result.best_overrides["train.lr"] in (3e-3, 1e-2)
