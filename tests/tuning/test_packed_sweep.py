@@ -136,3 +136,49 @@ def test_a_diverging_member_fails_alone(ray_session: None, tmp_path: Path,
         assert good.info.status == "FINISHED" and good.data.tags["rungwise.status"] == "finished"
         assert len(history(mlflow_uri, good)) == 2
     assert result.best_overrides["train.lr"] in (3e-3, 1e-2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_member_resumes_from_its_trial_checkpoint_and_the_best_model_rebuilds(
+        ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.checkpoint import load_checkpoint
+    from trainer.loop import TensorData, evaluate
+    from trainer.pipeline import split_data
+    from trainer.run import Hooks, train_run
+    from tuning.pack_actor import PACK_FILE, PackServer
+    from tuning.sweep import prepare_variants, share_data
+    from tuning.trainable import CKPT_FILE, Shared
+
+    spec = spec_of(tmp_path, monkeypatch, None, **{  # settled, as the driver hands it over
+        "tune.pack": 2, "train.epochs": 3, "model.dropout": 0.1, "train.device": "cpu",
+        "resources.gpus_per_worker": 0})
+    prepared = prepare_variants(spec, split_data(spec.data))
+    shared = Shared(spec=spec, prepared=share_data(prepared), raw=None, checkpoint_every=1)
+    config = {"train.lr": 1e-2, "train.seed": 3}
+    whole = PackServer(shared, config, 1)
+    whole.join("t", config, None)
+    uninterrupted = [whole.next("t") for _ in range(3)]
+    first = PackServer(shared, config, 1)
+    first.join("t", config, None)
+    files = [first.next("t") for _ in range(2)][-1]["files"]  # a crash after epoch 2
+    second = PackServer(shared, config, 1)
+    second.join("t", config, files)
+    last = second.next("t")
+    assert last["done"] and last["metrics"]["epoch"] == 3
+    assert last["metrics"]["val_loss"] == pytest.approx(
+        uninterrupted[-1]["metrics"]["val_loss"], rel=1e-6)
+    # the fit-format file rebuilds the best epoch's model, as tuning/results.py does
+    path = tmp_path / CKPT_FILE
+    path.write_bytes(last["files"][CKPT_FILE])
+    state = load_checkpoint(path)
+    data = next(iter(prepared.values()))
+    trial = spec.with_overrides(config)
+    run = train_run(trial.model, trial.train, data,
+                    Hooks(resume_from=state, until_epoch=int(state["epoch"])))
+    losses = [r["metrics"]["val_loss"] for r in uninterrupted]
+    assert run.fit.best_val_loss == pytest.approx(min(losses), rel=1e-6)
+    tensors = TensorData.from_prepared(data)
+    got = evaluate(run.fit.model, tensors.x_val, tensors.y_val, tensors, prefix="val_")
+    assert got["val_loss"] == pytest.approx(min(losses), rel=1e-5)
+    assert set(last["files"]) == {CKPT_FILE, PACK_FILE}
