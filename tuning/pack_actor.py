@@ -240,7 +240,10 @@ class PackRegistry:
         left: int
         try:
             left = ray.get(actor.leave.remote(tid))
-        except ray.exceptions.RayActorError:  # the pack crashed: its members are retried
+        except ray.exceptions.RayActorError:  # the pack crashed: none of its members is in
+            for other in entry[1]:  # it any more; Tune retries them into a new pack
+                self.of.pop(other, None)
+            entry[1].clear()
             left = 0
         if left == 0 and not entry[1]:
             self.packs[key].remove(entry)

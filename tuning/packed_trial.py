@@ -23,7 +23,7 @@ import ray
 from ray import tune
 
 from trainer.pack_member import pack_pays
-from tuning.config import SweepSpec
+from tuning.config import PAUSING, SweepSpec
 from tuning.pack_actor import PackRegistry
 from tuning.relay import run_packed_trial
 from tuning.trainable import DRIVER_CPU, Shared
@@ -36,8 +36,7 @@ def pack_size(spec: SweepSpec) -> int:
     pack = spec.tune.pack
     if isinstance(pack, int):
         return pack
-    if pack == "off" or spec.resources.workers_per_trial > 1 or spec.tune.search in (
-            "hyperband", "bohb", "pbt"):
+    if pack == "off" or spec.resources.workers_per_trial > 1 or spec.tune.search in PAUSING:
         return 1
     return AUTO_SIZE if _pays_everywhere(spec) else 1
 

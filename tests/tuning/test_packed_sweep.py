@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +185,68 @@ def test_a_member_resumes_from_its_trial_checkpoint_and_the_best_model_rebuilds(
     got = evaluate(run.fit.model, tensors.x_val, tensors.y_val, tensors, prefix="val_")
     assert got["val_loss"] == pytest.approx(min(losses), rel=1e-5)
     assert set(last["files"]) == {CKPT_FILE, PACK_FILE}
+
+
+def _descendants_titled(title: str) -> list[int]:
+    """Processes under this one (the session's Ray) whose command line starts with ``title``."""
+    parent: dict[int, int] = {}
+    titles: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            titles[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        parent[int(proc.name)] = int(stat.rpartition(")")[2].split()[1])
+    me, found = os.getpid(), []
+    for pid, text in titles.items():
+        p = pid
+        while p in parent and p not in (me, 0, 1):
+            p = parent[p]
+        if p == me and text.startswith(title):
+            found.append(pid)
+    return found
+
+
+def _kill_a_pack_after_its_first_checkpoint(runs: Path, killed: list[int]) -> None:
+    """SIGKILL a PackServer process once a trial has checkpointed (a test-side fault)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        if any(runs.rglob("checkpoint_000000")):
+            for pid in _descendants_titled("ray::PackServer")[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_members_of_a_crashed_pack_are_retried_from_their_checkpoints(
+        ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        mlflow_uri: str) -> None:
+    import json
+    import threading
+
+    spec = spec_of(tmp_path, monkeypatch, mlflow_uri, **{
+        "tune.pack": 3, "tune.num_samples": 3, "tune.max_failures": 2, "train.epochs": 4,
+        "train.batch_size": 32})
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_a_pack_after_its_first_checkpoint,
+                               args=(tmp_path / "runs", killed), daemon=True)
+    watcher.start()
+    result = run_sweep(spec, quiet=True, register=False)
+    watcher.join(timeout=1)
+    assert killed, "the pack finished before it could be killed"
+    kids = children(mlflow_uri, result.parent_run_id)
+    assert len(kids) == 3
+    restored = 0
+    for kid in kids:
+        assert kid.info.status == "FINISHED" and kid.data.tags["rungwise.status"] == "finished"
+        assert [m.step for m in MlflowClient(mlflow_uri).get_metric_history(
+            kid.info.run_id, "val_loss")] == [1, 2, 3, 4]
+        tid = kid.data.tags["rungwise.trial_id"]
+        folder = next(Path(result.experiment_path).glob(f"*{tid}*"))
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # no epoch reported twice
+        restored += rows[-1]["iterations_since_restore"] < 4
+    assert restored >= 1
