@@ -12,6 +12,12 @@ Wall time includes everything ``run_sweep`` does: trial start-up (a packed sweep
 relay process per trial in flight, plus one per pack and a registry), reporting to Tune,
 MLflow, and the best model's evaluation. Trial compute alone is ``bench_pack.py``'s.
 
+Measured on the 2-core build machine (shared, load average 8-25), defaults: unpacked / packed
+wall 25.5 / 40.3 s and 53.0 / 65.1 s (two rounds, ratio 0.75); single rounds before gave
+0.48 (``--pack 8``) and 2.36 (an unlucky unpacked round). At this size the sweep's fixed costs
+(a Ray worker process per relay in flight, ~2-3 s of CPU each, started two at a time on two
+cores; Tune's per-result round trip; MLflow) outweigh the ~8 s of trial compute packing saves.
+
 Usage: python benchmarks/bench_pack_sweep.py [--quick] [--trials 16] [--epochs 6] [--pack 4]
 """
 
