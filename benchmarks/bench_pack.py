@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace as NS
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import check, emit, json_stdout, machine_info, say  # noqa: E402
 
 from jobs.spec import load_spec  # noqa: E402
+from trainer.config import ModelSpec, TrainSpec  # noqa: E402
 from trainer.loop import TensorData, fit  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.packed import Member, Pack, fit_packed, pack_pays  # noqa: E402
@@ -56,13 +56,13 @@ def load_data() -> TensorData:
 
 
 def sides(hidden: list[int], batch: int, dropout: float, epochs: int) -> tuple[Any, ...]:
-    model = NS(kind="mlp", hidden=hidden, activation="relu", dropout=dropout)
-    train = NS(epochs=epochs, batch_size=batch, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-               early_stopping=None, seed=0, device="cpu", threads=1)
+    model = ModelSpec(kind="mlp", hidden=hidden, activation="relu", dropout=dropout)
+    train = TrainSpec(epochs=epochs, batch_size=batch, optimizer="adamw", lr=1e-3,
+                      weight_decay=1e-4, early_stopping=None, seed=0, device="cpu", threads=1)
     lrs = [1e-3 * 10 ** (i / (MEMBERS - 1)) for i in range(MEMBERS)]
     members = [Member(key=i, lr=lr, weight_decay=1e-4, dropout=dropout, seed=i, epochs=epochs)
                for i, lr in enumerate(lrs)]
-    trains = [NS(**{**vars(train), "lr": lr, "seed": i}) for i, lr in enumerate(lrs)]
+    trains = [train.model_copy(update={"lr": lr, "seed": i}) for i, lr in enumerate(lrs)]
     return model, train, members, trains
 
 
@@ -83,7 +83,7 @@ def step_vmap_vs_bmm(data: TensorData, hidden: list[int], batch: int, reps: int 
     """Forward + backward of 8 members on one batch each: vmap over functional_call / bmm."""
     from torch.func import functional_call, stack_module_state, vmap
 
-    model = NS(kind="mlp", hidden=hidden, activation="relu", dropout=0.0)
+    model = ModelSpec(kind="mlp", hidden=hidden, activation="relu", dropout=0.0)
     nets = [build_model(model, data.input_shape, data.n_outputs, seed=i) for i in range(MEMBERS)]
     params, _ = stack_module_state(nets)
     base = nets[0]
@@ -118,9 +118,9 @@ def step_vmap_vs_bmm(data: TensorData, hidden: list[int], batch: int, reps: int 
 def measure(data: TensorData, hidden: list[int], batch: int, dropout: float, rounds: int,
             epochs: int) -> dict[str, Any]:
     model, train, members, trains = sides(hidden, batch, dropout, epochs)
-    time_packed(data, model, NS(**{**vars(train), "epochs": 1}),
+    time_packed(data, model, train.model_copy(update={"epochs": 1}),
                 [Member(seed=i, epochs=1, dropout=dropout) for i in range(2)])  # warm-up
-    time_sequential(data, model, [NS(**{**vars(trains[0]), "epochs": 1})])
+    time_sequential(data, model, [trains[0].model_copy(update={"epochs": 1})])
     seq, packed, ratios = [], [], []
     for r in range(rounds):
         order = [0, 1] if r % 2 == 0 else [1, 0]
@@ -151,7 +151,7 @@ def main() -> None:
     rows, checks = [], []
     for hidden, batch in CONFIGS:
         row: dict[str, Any] = {"hidden": hidden, "batch_size": batch,
-                               "pack_pays": pack_pays(NS(kind="mlp", hidden=hidden), batch,
+                               "pack_pays": pack_pays(ModelSpec(hidden=hidden), batch,
                                                       "cpu")}
         for dropout in (0.0, 0.1):
             say(f"{hidden}/{batch} dropout {dropout}")

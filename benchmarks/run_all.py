@@ -7,7 +7,8 @@ mlflow versions, date), and a markdown table (bench, metric, value, target, met?
 printed on stdout.
 
 ``--quick`` passes ``--quick`` to the scripts that accept it (bench_sweep, bench_search,
-bench_coldstart, bench_gpu) and runs the others (bench_impute, bench_trainer) as they are; the whole
+bench_pack_sweep, bench_coldstart, bench_gpu) and runs the others (bench_impute, bench_trainer,
+bench_pack) as they are; the whole
 quick run is meant to finish in under 10 minutes on 2 idle cores.
 
 Timings are only comparable on a quiet machine: the load average is recorded so that a noisy
@@ -32,6 +33,7 @@ sys.path.insert(0, str(HERE))
 from common import check, machine_info  # noqa: E402
 
 SCRIPTS = ["bench_impute.py", "bench_trainer.py", "bench_sweep.py", "bench_search.py",
+           "bench_pack.py", "bench_pack_sweep.py",
            "bench_coldstart.py", "bench_gpu.py"]
 
 # Targets of the scripts that do not print their own ``checks`` (from their docstrings);

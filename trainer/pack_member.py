@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.loop import TrainConfig
-from trainer.models import ModelConfig
+from trainer.config import ModelSpec, TrainSpec
 
 
 @dataclass(kw_only=True, slots=True)
 class Member:
-    """What one member (one trial) of a pack has of its own; defaults as ``TrainConfig``."""
+    """What one member (one trial) of a pack has of its own; defaults as ``TrainSpec``."""
 
     key: Any = None
     """The caller's name for the member (a trial id); reported back with its results."""
@@ -35,15 +34,15 @@ class Member:
     gamma: float = 0.1
 
     @classmethod
-    def from_spec(cls, model: Any, train: Any, key: Any = None) -> Member:
-        """From the spec's ``model`` and ``train`` sections (duck-typed, as ``fit`` reads them)."""
-        cfg, stop = TrainConfig.from_spec(train), getattr(train, "early_stopping", None)
-        return cls(key=key, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                   dropout=ModelConfig.from_spec(model).dropout, seed=cfg.seed,
-                   epochs=cfg.epochs, grad_clip=cfg.grad_clip, lr_schedule=cfg.lr_schedule,
-                   step_size=cfg.step_size, gamma=cfg.gamma,
-                   patience=None if stop is None else int(stop.patience),
-                   min_delta=float(getattr(stop, "min_delta", 0.0) or 0.0))
+    def from_spec(cls, model: ModelSpec, train: TrainSpec, key: Any = None) -> Member:
+        """From the spec's ``model`` and ``train`` sections, as ``fit`` reads them."""
+        stop = train.early_stopping
+        return cls(key=key, lr=train.lr, weight_decay=train.weight_decay,
+                   momentum=train.momentum, dropout=model.dropout, seed=train.seed,
+                   epochs=train.epochs, grad_clip=train.grad_clip,
+                   lr_schedule=train.lr_schedule, step_size=train.step_size, gamma=train.gamma,
+                   patience=None if stop is None else stop.patience,
+                   min_delta=0.0 if stop is None else stop.min_delta)
 
     def lr_at(self, epoch: int) -> float:
         """The lr of 0-based ``epoch`` (``make_scheduler``'s schedules, closed form)."""
@@ -54,9 +53,9 @@ class Member:
         return self.lr
 
 
-def pack_key(model: Any, train: Any) -> tuple[Any, ...]:
+def pack_key(model: ModelSpec, train: TrainSpec) -> tuple[Any, ...]:
     """What members of one pack must share: trials with equal keys can be packed."""
-    m, t = ModelConfig.from_spec(model), TrainConfig.from_spec(train)
+    m, t = model, train
     return (m.kind, tuple(int(h) for h in m.hidden), m.activation, t.batch_size, t.optimizer,
             t.device, t.threads)
 
@@ -84,7 +83,7 @@ CPU_MAX_WIDTH_X_BATCH = 65_536
 CUDA_MAX_WIDTH_X_BATCH = 4_194_304  # not measured: see pack_pays
 
 
-def pack_pays(model: Any, batch_size: int, device: str | torch.device) -> bool:
+def pack_pays(model: ModelSpec, batch_size: int, device: str | torch.device) -> bool:
     """Whether N members of ``model`` at ``batch_size`` train faster packed than one by one.
 
     The rule on a CPU: pack an MLP when its widest hidden layer has at most 128 units and
@@ -118,7 +117,7 @@ def pack_pays(model: Any, batch_size: int, device: str | torch.device) -> bool:
     batch_size <= 4,194,304 (e.g. [1024] at 4096); the GPU run of ``bench_pack.py`` is what
     should set this bound. Other devices, and CNNs: never.
     """
-    cfg = ModelConfig.from_spec(model)
+    cfg = model
     if cfg.kind != "mlp":
         return False
     widest = max((int(h) for h in cfg.hidden), default=0)

@@ -26,14 +26,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trainer.loop import TensorData, TrainConfig, resolve_device
+from trainer.config import ModelSpec, TrainSpec
+from trainer.loop import STOP_KEYS, TensorData, resolve_device
 from trainer.metrics import task_metrics
-from trainer.models import EVAL_BATCH, ModelConfig, build_model
+from trainer.models import EVAL_BATCH, build_model
 from trainer.pack_member import Member, MemberResult, pack_key, pack_pays
 from trainer.packed_net import PackedMLP, from_row, to_row
 from trainer.packed_optim import PackedOptimizer
@@ -64,10 +65,10 @@ _RESUMED = ("epoch", "best_val_loss", "best_epoch", "bad_epochs", "stopped_early
 class Pack:
     """Up to ``size`` members of one MLP architecture, trained epoch by epoch together."""
 
-    def __init__(self, model: Any, data: TensorData, *, size: int, batch_size: int,
+    def __init__(self, model: ModelSpec, data: TensorData, *, size: int, batch_size: int,
                  optimizer: str = "adamw", device: str | torch.device = "cpu") -> None:
-        self.model_cfg = ModelConfig.from_spec(model)
-        if self.model_cfg.kind != "mlp":
+        self.model_cfg = model
+        if model.kind != "mlp":
             raise ValueError(f"model.kind: packing trains MLPs only, got {self.model_cfg.kind!r}")
         if size < 1 or batch_size < 1:
             raise ValueError(f"pack: size and batch_size must be >= 1, got {size}, {batch_size}")
@@ -101,7 +102,7 @@ class Pack:
         if member.epochs < 1:
             raise ValueError(f"train.epochs: must be >= 1, got {member.epochs}")
         slot = free[0]
-        net = build_model(replace(self.model_cfg, dropout=member.dropout),
+        net = build_model(self.model_cfg.model_copy(update={"dropout": member.dropout}),
                           self.data.input_shape, self.data.n_outputs, seed=member.seed)
         with torch.no_grad():
             self.flat[slot] = to_row(net).to(self.device)
@@ -150,7 +151,7 @@ class Pack:
         s = self._slot(slot)
         net = None
         if s.best_row is not None:
-            net = build_model(replace(self.model_cfg, dropout=s.member.dropout),
+            net = build_model(self.model_cfg.model_copy(update={"dropout": s.member.dropout}),
                               self.data.input_shape, self.data.n_outputs, seed=s.member.seed)
             from_row(net, s.best_row)
         return MemberResult(key=s.member.key, history=list(s.history), best_epoch=s.best_epoch,
@@ -214,6 +215,12 @@ class Pack:
         else:
             s.bad_epochs += 1
         s.stopped_early = m.patience is not None and s.bad_epochs >= m.patience
+        if s.stopped_early:  # fit's stop keys and sentence, so a tracker tags it as fit's
+            reason = (f"train.early_stopping: val_loss did not improve on "
+                      f"{s.best_val_loss:.6g} (epoch {s.best_epoch}) by more than "
+                      f"{m.min_delta:g} for {m.patience} epochs")
+            metrics.update(zip(STOP_KEYS, (1, reason), strict=True))
+            s.history[-1] = dict(metrics)
         if s.stopped_early or s.epoch >= m.epochs:
             self.stop(i, "finished")
 
@@ -243,18 +250,17 @@ class Pack:
         return self.net.masks(drops, gens, batch)
 
 
-def fit_packed(model: Any, data: TensorData, members: list[Member], train: Any, *,
+def fit_packed(model: ModelSpec, data: TensorData, members: list[Member], train: TrainSpec, *,
                size: int | None = None, on_epoch: OnMember | None = None) -> list[MemberResult]:
     """Train ``members`` (``size`` at a time, default all) and return their results in order.
 
     ``train`` gives what members share (batch_size, optimizer, device, threads); a member that
     ends frees its slot for the next one waiting. ``on_epoch(key, metrics)`` returning True
     stops that member, as a Tune scheduler would."""
-    cfg = TrainConfig.from_spec(train)
-    if torch.get_num_threads() != cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    pack = Pack(model, data, size=size or len(members), batch_size=cfg.batch_size,
-                optimizer=cfg.optimizer, device=cfg.device)
+    if torch.get_num_threads() != train.threads:
+        torch.set_num_threads(train.threads)
+    pack = Pack(model, data, size=size or len(members), batch_size=train.batch_size,
+                optimizer=train.optimizer, device=train.device)
     waiting = list(enumerate(members))
     results: list[MemberResult | None] = [None] * len(members)
     index: dict[int, int] = {}

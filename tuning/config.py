@@ -55,6 +55,18 @@ class TuneSpec(StrictSection):
     sees (NFS) or a URI (s3://, gs://, ...); default RUNGWISE_STORAGE, else ./rungwise-runs."""
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Dotted spec paths -> one dimension each (``{"loguniform": [1e-4, 1e-1]}``)."""
+    pack: Literal["off", "auto"] | int = "off"
+    """Train up to N trials of one architecture together in one worker (tuning/packed_trial.py);
+    ``auto``: 8 where ``trainer.pack_member.pack_pays`` says it pays, else off."""
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack(cls, v: Any) -> Any:
+        if v is False or v == "off":  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 2):
+            return v
+        raise ValueError(f"must be off, auto or a whole number >= 2 (trials per pack), got {v!r}")
 
     @field_validator("space")
     @classmethod
@@ -155,6 +167,7 @@ class SweepSpec(StrictSection):
         if self.tune.metric == "val_rmse" and self.data.task == "classification":
             raise ValueError("tune.metric: val_rmse needs data.task: regression; "
                              "use val_loss or val_accuracy")
+        _check_pack(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +189,30 @@ class SweepSpec(StrictSection):
     def flat(self) -> dict[str, Any]:
         """The spec as ``{"train.lr": 0.001, ...}`` (lists kept as values), for params."""
         return flatten(self.to_dict())
+
+
+PAUSING: tuple[Search, ...] = ("hyperband", "bohb", "pbt")
+"""Schedulers that pause and resume trials: a packed member cannot be paused."""
+
+
+def _check_pack(spec: SweepSpec) -> None:
+    """``tune.pack: N`` only where a pack can train the trials (``auto`` falls back instead)."""
+    n = spec.tune.pack
+    if not isinstance(n, int):
+        return
+    dim = spec.tune.space.get("model.kind")
+    kinds = {spec.model.kind, *(next(iter(dim.values())) if dim else [])}
+    if "cnn" in kinds:
+        raise ValueError(f"tune.pack: {n} packs MLPs only, and model.kind can be cnn; "
+                         "set tune.pack: off")
+    if spec.resources.workers_per_trial > 1:
+        raise ValueError(f"tune.pack: {n} trains a pack in one worker, but "
+                         f"resources.workers_per_trial is {spec.resources.workers_per_trial}; "
+                         "set it to 1 or tune.pack: off")
+    if spec.tune.search in PAUSING:
+        raise ValueError(f"tune.pack: {n} cannot be used with tune.search: "
+                         f"{spec.tune.search}, which pauses trials; use asha, median, random, "
+                         "bayes or grid, or tune.pack: off")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
+from tuning.packed_trial import pack_size
 from tuning.space import build_param_space, grid_size
 
 EPOCH = "training_iteration"
@@ -93,10 +94,11 @@ def build_strategy(spec: SweepSpec, warm_start: list[dict[str, Any]] | None = No
                                 "use choice")
         searcher = ConcurrencyLimiter(
             OptunaSearch(seed=spec.train.seed, points_to_evaluate=points or None),
-            max_concurrent=tune_spec.max_concurrent)
+            max_concurrent=tune_spec.max_concurrent * pack_size(spec))
     else:
         searcher = BasicVariantGenerator(points_to_evaluate=points or None,
-                                         max_concurrent=tune_spec.max_concurrent,
+                                         max_concurrent=tune_spec.max_concurrent
+                                         * pack_size(spec),
                                          random_state=spec.train.seed)
     scheduler, every = _scheduler(name, spec, params)
     return Strategy(name, reason, params, tune_spec.num_samples, searcher, scheduler, every)

@@ -29,6 +29,7 @@ from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 from tuning.fits import check_sweep_fits
 from tuning.localray import loopback_node
+from tuning.packed_trial import PackLeaver, pack_size, packed_trainable
 from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
 from tuning.resources import Cluster, Settled, check_fits, read_cluster, settle
@@ -154,7 +155,8 @@ def _tuner(spec: SweepSpec, strategy: Strategy, trainable: Any, path: StoragePat
             metric=t.metric, mode=t.mode, search_alg=strategy.search_alg,
             scheduler=strategy.scheduler, num_samples=strategy.num_samples,
             # the searchers limit concurrency themselves; Tune's own limit is for grid only
-            max_concurrent_trials=t.max_concurrent if strategy.search_alg is None else None,
+            max_concurrent_trials=t.max_concurrent * pack_size(spec)
+            if strategy.search_alg is None else None,
             time_budget_s=t.time_budget_s,
             reuse_actors=spec.resources.workers_per_trial == 1),
         run_config=tune.RunConfig(
@@ -238,9 +240,13 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     live = [Live(f"{path}#progress", progress), Live(f"{path}#janitor", PgJanitor())] + (
         [Live(f"{path}#mlflow", MlflowSweepCallback(tracker))] if tracker else [])
+    trainable, size = _trainable(spec, shared), pack_size(written)
+    if size > 1:  # tune.pack: trials relay a pack's members (tuning/packed_trial.py)
+        trainable, registry = packed_trainable(spec, shared, size)
+        live.append(Live(f"{path}#packs", PackLeaver(registry)))
     callbacks: list[Any] = [*live[:2], JsonLoggerCallback(), *live[2:]]
     try:
-        tuner = _tuner(spec, strategy, _trainable(spec, shared), path, callbacks, resume)
+        tuner = _tuner(spec, strategy, trainable, path, callbacks, resume)
         grid = tuner.fit()
         if progress.interrupted():
             raise KeyboardInterrupt
