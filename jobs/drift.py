@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.spec import JobSpec
 from trainer.errors import UserError
 
 EXIT_DRIFT = 3
@@ -76,7 +77,7 @@ def header(ref: Reference, rows: int, what: str) -> str:
             f"(version {ref.version}), trained on {ref.profile.get('rows', '?')} rows")
 
 
-def log_run(spec: Any, uri: str, tags: dict[str, str], report: Any = None, title: str = "",
+def log_run(spec: JobSpec, uri: str, tags: dict[str, str], report: Any = None, title: str = "",
             text: str = "") -> str:
     """A finished MLflow run in the spec's experiment holding ``tags`` and the report."""
     from tuning.drift_report import log_to_run
@@ -96,7 +97,7 @@ def log_run(spec: Any, uri: str, tags: dict[str, str], report: Any = None, title
     return str(run_id)
 
 
-def drift_command(spec: Any, input_path: str, alias: str, fail_on_drift: bool) -> int:
+def drift_command(spec: JobSpec, input_path: str, alias: str, fail_on_drift: bool) -> int:
     from jobs.predict import read_rows
     from tuning.drift import compare, table
     from tuning.tracking import resolve_tracking_uri
@@ -156,7 +157,7 @@ class Precheck:
     text: str = ""
     tags: dict[str, str] = field(default_factory=dict)
 
-    def attach(self, run_id: str, spec: Any) -> None:
+    def attach(self, run_id: str, spec: JobSpec) -> None:
         """The drift report and trigger tags on the retrain's run."""
         from tuning.drift_report import log_to_run
         from tuning.tracking import client
@@ -168,7 +169,7 @@ class Precheck:
             log_to_run(cl, run_id, self.report, spec.schedule.drift, self.title, self.text)
 
 
-def before_retrain(spec: Any, name: str) -> Precheck:
+def before_retrain(spec: JobSpec, name: str) -> Precheck:
     """Quality gate, then (``trigger: drift``) the comparison with the champion."""
     from trainer.data import detect_format, read_table
     from tuning.drift import compare, table
@@ -210,7 +211,7 @@ def before_retrain(spec: Any, name: str) -> Precheck:
     return pre
 
 
-def gate(spec: Any, uri: str, frame: Any, ref: Reference | None) -> None:
+def gate(spec: JobSpec, uri: str, frame: Any, ref: Reference | None) -> None:
     """Exit 2 (a UserError) with one line per problem when the new data fails the gate."""
     from jobs.quality import check
 

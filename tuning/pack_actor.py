@@ -36,6 +36,7 @@ from trainer.models import build_model, precision
 from trainer.pack_member import Member, pack_key
 from trainer.packed import Pack
 from trainer.packed_net import from_row
+from tuning.config import SweepSpec
 from tuning.resources import cap_gpu_memory
 from tuning.space import variant_key
 from tuning.trainable import (
@@ -150,7 +151,7 @@ class PackServer:
                                  "done": state.status != "running"}
         self.cond.notify_all()
 
-    def _files(self, slot: int, spec: Any) -> dict[str, bytes]:
+    def _files(self, slot: int, spec: SweepSpec) -> dict[str, bytes]:
         return {CKPT_FILE: _dump(fit_checkpoint(self.pack, slot, spec.train)),
                 PACK_FILE: _dump(self.pack.checkpoint(slot))}
 
@@ -194,7 +195,7 @@ def fit_checkpoint(pack: Pack, slot: int, train: Any) -> dict[str, Any]:
             "stopped_early": state.stopped_early, "history": [dict(h) for h in state.history]}
 
 
-def member_key(spec: Any, overrides: dict[str, Any]) -> str:
+def member_key(spec: SweepSpec, overrides: dict[str, Any]) -> str:
     """What a trial's pack must share: architecture, batch size, optimiser, device, threads
     (``pack_key``) and the data variant."""
     text = repr((pack_key(spec.model, spec.train), variant_key(overrides)))
