@@ -11,8 +11,12 @@ own (``PackLeaver`` masks it out of its pack), MLflow's callback makes each its 
 and a retried or resumed trial joins a pack from its own checkpoint.
 
 ``tune.pack: N`` packs up to N trials; ``max_concurrent`` then counts packs (N x that many
-trials in flight). ``auto`` packs ``AUTO_SIZE`` where ``pack_pays`` holds for every
-architecture and batch size the space can produce, else runs the normal trainable.
+trials in flight). ``auto`` packs ``AUTO_SIZE`` on a GPU (``train.device: cuda``) where
+``pack_pays`` holds for every architecture and batch size the space can produce, else runs the
+normal trainable. On a CPU ``auto`` never packs: the trial compute gains are real (3-5x for
+[32]/64, see ``pack_pays``) but the whole sweep measured on the 2-core build machine was
+slower packed (0.75x wall, benchmarks/bench_pack_sweep.py: a relay process per trial in flight
+costs more than the compute saved), and ``auto`` must not pack where it does not pay.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ def pack_size(spec: SweepSpec) -> int:
         return pack
     if pack == "off" or spec.resources.workers_per_trial > 1 or spec.tune.search in PAUSING:
         return 1
+    if spec.train.device != "cuda":  # measured: no whole-sweep gain on CPU (module docstring)
+        return 1
     return AUTO_SIZE if _pays_everywhere(spec) else 1
 
 
 def _pays_everywhere(spec: SweepSpec) -> bool:
-    """``pack_pays`` for every model and batch size the space can produce (the CPU rule
-    unless ``train.device`` is cuda): a dimension that is not a list of choices never packs."""
+    """``pack_pays`` (its GPU rule) for every model and batch size the space can produce: a
+    dimension that is not a list of choices never packs."""
     space = spec.tune.space
     values: dict[str, list[Any]] = {}
     for path in ("model.kind", "model.hidden", "train.batch_size"):
@@ -54,7 +60,7 @@ def _pays_everywhere(spec: SweepSpec) -> bool:
         if kind not in ("choice", "grid"):
             return False
         values[path] = list(args)
-    device = "cuda" if spec.train.device == "cuda" else "cpu"
+    device = "cuda"
     for kind in values.get("model.kind", [spec.model.kind]):
         for hidden in values.get("model.hidden", [spec.model.hidden]):
             model = spec.model.model_copy(update={"kind": kind, "hidden": hidden})
