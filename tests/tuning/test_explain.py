@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -46,13 +47,19 @@ def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return {"folder": folder, "uri": uri, "result": result}
 
 
-def test_every_stopped_trial_says_why(sweep: dict[str, object]) -> None:
+def _stopped_by_asha(sweep: dict[str, object]) -> tuple[Any, list[Any], list[Any]]:
+    """The sweep's result, its trial runs, and those ASHA stopped (there must be some)."""
     uri, result = sweep["uri"], sweep["result"]
     cl = MlflowClient(uri)
     exp = cl.get_run(result.parent_run_id).info.experiment_id
     kids = cl.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     stopped = [k for k in kids if k.data.tags["rungwise.status"] == "stopped_by_scheduler"]
     assert stopped, [k.data.tags["rungwise.status"] for k in kids]
+    return result, kids, stopped
+
+
+def test_every_stopped_trial_says_why(sweep: dict[str, object]) -> None:
+    result, kids, stopped = _stopped_by_asha(sweep)
     for kid in stopped:
         reason = kid.data.tags["rungwise.stop_reason"]
         m = REASON.fullmatch(reason)
@@ -111,12 +118,7 @@ def test_parent_and_every_child_record_the_training_data(sweep: dict[str, object
 
 
 def test_asha_stops_bad_trials_early(sweep: dict[str, object]) -> None:
-    uri, result = sweep["uri"], sweep["result"]
-    cl = MlflowClient(uri)
-    exp = cl.get_run(result.parent_run_id).info.experiment_id
-    kids = cl.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    stopped = [k for k in kids if k.data.tags["rungwise.status"] == "stopped_by_scheduler"]
-    assert stopped, [k.data.tags["rungwise.status"] for k in kids]
+    result, kids, stopped = _stopped_by_asha(sweep)
     for kid in stopped:
         assert int(kid.data.tags["rungwise.stopped_at_epoch"]) < EPOCHS
         assert kid.data.tags["rungwise.stopped_metric"].startswith("val_loss=")
