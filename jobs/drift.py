@@ -92,21 +92,28 @@ def log_run(spec: JobSpec, uri: str, tags: dict[str, str], report: Any = None, t
             log_to_run(cl, run_id, report, spec.schedule.drift, title, text)
         elif text:
             cl.log_text(run_id, text + "\n", "quality/report.txt")
-    finally:
-        cl.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:  # no run left RUNNING, and none FINISHED that did not
+        cl.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    cl.set_terminated(run_id, "FINISHED")
     return str(run_id)
 
 
 def drift_command(spec: JobSpec, input_path: str, alias: str, fail_on_drift: bool) -> int:
     from jobs.predict import read_rows
+    from trainer.data import detect_format
     from tuning.drift import compare, table
-    from tuning.tracking import resolve_tracking_uri
+    from tuning.tracking import check_reachable, resolve_tracking_uri
 
     name = spec.tracking.register_as
     if not name:
         raise UserError("tracking.register_as: not set in the spec, so there is no registered "
                         "model to compare with")
+    if detect_format(spec.data.path, spec.data.format) == "npz":
+        raise UserError(f"data.path: {spec.data.path} holds images (.npz); drift checks "
+                        "compare table columns (CSV or Parquet) only")
     uri = resolve_tracking_uri(spec.tracking.uri)
+    check_reachable(uri)  # a server that is down: one line now, not minutes of retries
     ref = reference(uri, name, alias)
     if ref is None:
         raise UserError(f"registry: no model version {name}@{alias}; run `rungwise tune` first "

@@ -2,8 +2,8 @@
 
 Against the champion's training profile (trainer/profile.py) when there is one:
 
-- the target column is present, not mostly missing, and (classification) holds no class the
-  champion never saw;
+- the target column is present, labelled in every row (as training requires), and
+  (classification) holds no class the champion never saw;
 - the schema is compatible: every column the model uses is present and a number column still
   holds numbers;
 - no column is suddenly (near) all missing.
@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-MOSTLY_MISSING = 0.5
-"""The target may not be missing in more than this share of rows."""
+from trainer.profile import as_text
+
 NEAR_ALL_MISSING = 0.98
 """A column missing in at least this share now ..."""
 WAS_PRESENT = 0.5
@@ -48,14 +48,14 @@ def _target(frame: pd.DataFrame, target: str, task: str,
     if target not in frame.columns:
         return [f"target: column {target!r} is not in the new data"]
     y = frame[target]
-    share = float(y.isna().mean()) if len(y) else 1.0
-    if share > MOSTLY_MISSING:
-        return [f"target: {share:.0%} of {target!r} is missing (at most "
-                f"{MOSTLY_MISSING:.0%} allowed)"]
+    missing = int(y.isna().sum())
+    if missing or not len(y):  # as the loader: every row must be labelled
+        return [f"target: {target!r} is missing in {missing} of {len(y)} rows; label every "
+                "row or drop unlabelled rows"]
     known = ((profile or {}).get("target") or {}).get("counts")
     if task != "classification" or not known:
         return []
-    seen = y[y.notna()].astype("str").value_counts()
+    seen = as_text(y).value_counts()
     new = {k: int(v) for k, v in seen.items() if k not in known}
     if not new:
         return []

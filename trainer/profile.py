@@ -62,10 +62,21 @@ def numeric_profile(values: pd.Series, levels: int = QUANTILES) -> dict[str, Any
             "mean": float(x.mean()), "std": float(x.std())}
 
 
+def as_text(values: pd.Series) -> pd.Series:
+    """The observed values as category text, one way for the profile and every comparison:
+    a number column reads ``9`` whether or not a missing value made pandas store it as 9.0."""
+    observed = values[values.notna()]
+    if pd.api.types.is_float_dtype(observed) and len(observed):
+        x = observed.to_numpy(dtype=np.float64)
+        if bool(np.isfinite(x).all() and (x == np.round(x)).all()):
+            observed = observed.astype("int64")
+    return observed.astype("str")
+
+
 def categorical_profile(values: pd.Series, limit: int = MAX_CATEGORIES) -> dict[str, Any]:
     """Missing share and the counts of the ``limit`` most frequent categories (as text)."""
     n = len(values)
-    observed = values[values.notna()].astype("str")
+    observed = as_text(values)
     counts = observed.value_counts(sort=True)
     top = counts.iloc[:limit]
     return {"kind": "categorical", "rows": n, "observed": int(len(observed)),

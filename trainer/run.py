@@ -1,7 +1,8 @@
 """One training run: build the spec's model for prepared data, fit it, evaluate it, bundle it.
 
-``train_run`` is the only place that builds and trains a model. Its callers differ only in
-the hooks they pass:
+``train_run`` is the only place that builds and trains one model (packed trials, many models
+at once, train in ``trainer/packed.py``, which reproduces ``fit``'s early-stopping rule and stop
+keys and is tested member by member against it). Its callers differ only in the hooks they pass:
 
 * ``rungwise train`` and a refit retrain (tuning/single.py): ``on_epoch`` logs to MLflow;
 * a single-process Ray Tune trial (tuning/trainable.py): ``on_epoch`` reports to Tune and
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -75,8 +76,10 @@ def train_run(model_spec: ModelSpec, train_spec: TrainSpec, data: Prepared | Arr
     if not evaluate_test:
         return RunResult(fit=result, test_metrics={}, bundle=None)
     metrics = test_metrics(net, tensors)
-    bundle = make_bundle(model_spec, data, net, metrics) if hasattr(data, "preprocessor") \
-        else None
+    # arrays only (a trial's ArrayData) have no preprocessing to bundle; Prepared is not
+    # imported here (pandas), hence the attribute test
+    bundle = make_bundle(model_spec, cast("Prepared", data), net, metrics) \
+        if hasattr(data, "preprocessor") else None
     return RunResult(fit=result, test_metrics=metrics, bundle=bundle)
 
 

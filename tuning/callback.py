@@ -171,13 +171,15 @@ class SweepTracker:
     def on_trial_complete(self, trial: Any) -> None:
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0) or 0)
+        # the trial's own budget: train.epochs may be a dimension of the space
+        epochs = int(decode_config(trial.config).get("train.epochs", self.max_epochs))
         if last.get("diverged"):
             self._end(trial, "FAILED", "diverged", {"rungwise.error": str(last.get("error"))})
-        elif epoch < self.max_epochs and last.get("stopped_early"):
+        elif epoch < epochs and last.get("stopped_early"):
             self._end(trial, "FINISHED", "early_stopped",
                       {"rungwise.epochs": str(epoch),
                        "rungwise.stop_reason": str(last.get("stop_reason", ""))})
-        elif epoch < self.max_epochs:
+        elif epoch < epochs:
             value = last.get(self.metric)
             self._end(trial, "FINISHED", "stopped_by_scheduler",
                       {"rungwise.stopped_at_epoch": str(epoch),

@@ -30,6 +30,7 @@ import pandas as pd
 from pydantic import Field
 
 from trainer.config import StrictSection
+from trainer.profile import as_text
 
 EPS = 1e-4
 """Floor on a bin's share in the PSI: an empty bin counts as 0.01%."""
@@ -41,13 +42,13 @@ OTHER = "(other)"
 class DriftSpec(StrictSection):
     """``schedule.drift``: thresholds for `rungwise drift` and ``schedule.trigger: drift``."""
 
-    psi: float = Field(0.2, gt=0)
+    psi: float = Field(default=0.2, gt=0)
     """Population stability index above which a column's values may have moved."""
-    alpha: float = Field(0.01, gt=0, lt=1)
+    alpha: float = Field(default=0.01, gt=0, lt=1)
     """Significance level of the two-sample and missing-share tests."""
-    missing: float = Field(0.1, gt=0, le=1)
+    missing: float = Field(default=0.1, gt=0, le=1)
     """Change in the missing share (absolute) above which missingness may have moved."""
-    min_rows: int = Field(50, ge=2)
+    min_rows: int = Field(default=50, ge=2)
     """Observed values needed on each side to judge a column's values at all."""
 
 
@@ -187,7 +188,7 @@ def compare_column(name: str, ref: dict[str, Any], new: pd.Series,
         x = raw[np.isfinite(raw)]
         observed = len(x)
     else:
-        values = new[new.notna()].astype("str")
+        values = as_text(new)
         observed = len(values)
     now = 1 - observed / len(new) if len(new) else 0.0
     col = ColumnDrift(name, kind, bool(ref.get("used", True)), float(ref["missing"]), now)

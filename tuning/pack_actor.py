@@ -86,6 +86,8 @@ class PackServer:
             self.slots[tid], self.specs[tid], self.best[tid] = slot, spec, [float("inf")]
             if resume is not None and resume["history"]:
                 self.best[tid][0] = min(h["val_loss"] for h in resume["history"])
+            if slot not in self.pack.running():  # resumed from its last epoch: nothing to do
+                self.results[tid] = {"metrics": None, "files": None, "done": True}
             self.last_join = time.monotonic()
             self.cond.notify_all()
             return slot

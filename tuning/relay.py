@@ -25,7 +25,8 @@ def run_packed_trial(config: dict[str, Any], registry: Any) -> None:
         ray.get(pack.join.remote(tid, config, resume))
         while True:
             out = ray.get(pack.next.remote(tid))
-            _report(out["metrics"], out["files"])
+            if out["metrics"] is not None:  # None: resumed after its last epoch (as fit returns)
+                _report(out["metrics"], out["files"])
             if out["done"]:
                 return
     finally:

@@ -2,9 +2,9 @@
 
 Values that are not scalars (``model.hidden: [128, 64]``) travel as JSON strings, so every
 searcher (Optuna included) sees plain categorical choices and MLflow shows readable params.
-A trial's config comes back through ``TrialConfig.of``: the decoded choices, the validated
-spec they make and the imputation variant (which prepared data the trial trains on), so
-no caller handles the ``json:`` strings itself.
+A trial's config comes back through ``TrialConfig.of`` (``tuning.trainable.trial_spec``): the
+decoded choices, the validated spec they make and the imputation variant (which prepared data
+the trial trains on). ``decode_config`` is the one reader of the ``json:`` strings.
 Every path and every value a trial could receive is validated against the spec before any
 trial starts: a typo fails in a second, not after an hour of sweeping.
 """

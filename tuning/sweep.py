@@ -141,7 +141,7 @@ def _gpus(spec: SweepSpec) -> tuple[Settled, Cluster]:
 
 
 def _tuner(spec: SweepSpec, strategy: Strategy, trainable: Any, path: StoragePath,
-           callbacks: list[Any], resume: bool) -> tune.Tuner:
+           callbacks: list[Any], resume: bool, pack: int) -> tune.Tuner:
     if resume:
         # the run config, callbacks included, comes back from the sweep's folder: the
         # ``Live`` callbacks in it find this driver's objects by key (tuning/callback.py)
@@ -155,7 +155,7 @@ def _tuner(spec: SweepSpec, strategy: Strategy, trainable: Any, path: StoragePat
             metric=t.metric, mode=t.mode, search_alg=strategy.search_alg,
             scheduler=strategy.scheduler, num_samples=strategy.num_samples,
             # the searchers limit concurrency themselves; Tune's own limit is for grid only
-            max_concurrent_trials=t.max_concurrent * pack_size(spec)
+            max_concurrent_trials=t.max_concurrent * pack
             if strategy.search_alg is None else None,
             time_budget_s=t.time_budget_s,
             reuse_actors=spec.resources.workers_per_trial == 1),
@@ -240,13 +240,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     live = [Live(f"{path}#progress", progress), Live(f"{path}#janitor", PgJanitor())] + (
         [Live(f"{path}#mlflow", MlflowSweepCallback(tracker))] if tracker else [])
+    # from the spec as written, as the strategy's searcher limit was (settling resolves
+    # train.device: auto, and auto packing reads only an explicit cuda)
     trainable, size = _trainable(spec, shared), pack_size(written)
     if size > 1:  # tune.pack: trials relay a pack's members (tuning/packed_trial.py)
         trainable, registry = packed_trainable(spec, shared, size)
         live.append(Live(f"{path}#packs", PackLeaver(registry)))
     callbacks: list[Any] = [*live[:2], JsonLoggerCallback(), *live[2:]]
     try:
-        tuner = _tuner(spec, strategy, trainable, path, callbacks, resume)
+        tuner = _tuner(spec, strategy, trainable, path, callbacks, resume, size)
         grid = tuner.fit()
         if progress.interrupted():
             raise KeyboardInterrupt

@@ -26,7 +26,7 @@ from trainer.models import precision
 from trainer.run import Hooks, train_run
 from tuning.config import SweepSpec
 from tuning.resources import cap_gpu_memory
-from tuning.space import decode_config, variant_key
+from tuning.space import TrialConfig, variant_key
 
 CKPT_FILE = "checkpoint.pt"
 WORST = {"min": 1e9, "max": -1e9}
@@ -48,9 +48,10 @@ class Shared:
     """Absolute: where Ray Train keeps the checkpoints of multi-worker trials."""
 
 
-def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    overrides = decode_config(config)
-    return shared.spec.with_overrides(overrides), overrides
+def trial_spec(shared: Shared, config: dict[str, Any]) -> tuple[SweepSpec, dict[str, Any]]:
+    """The trial's validated spec and its decoded choices (``TrialConfig``)."""
+    trial = TrialConfig.of(shared.spec, config)
+    return trial.spec, trial.overrides
 
 
 def get_prepared(shared: Shared, spec: SweepSpec, overrides: dict[str, Any]) -> ArrayData:

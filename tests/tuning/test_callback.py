@@ -60,9 +60,12 @@ def test_a_trial_is_early_stopped_only_when_its_last_result_says_so(mlflow_uri: 
              "for 2 epochs"
     lasts = {"patience": {"epoch": 4, "val_loss": 0.4, "stopped_early": 1, "stop_reason": reason},
              "asha": {"epoch": 4, "val_loss": 0.4},
-             "full": {"epoch": 10, "val_loss": 0.2}}
+             "full": {"epoch": 10, "val_loss": 0.2},
+             "short": {"epoch": 5, "val_loss": 0.3}}  # train.epochs searched: 5 of 5 ran
+    configs = {"short": {"train.epochs": 5}}
     for tid, last in lasts.items():
-        trial = SimpleNamespace(trial_id=tid, config={}, last_result=last, error_file=None)
+        trial = SimpleNamespace(trial_id=tid, config=configs.get(tid, {}), last_result=last,
+                                error_file=None)
         tracker.on_trial_start(trial)
         for epoch in range(1, last["epoch"] + 1):
             tracker.on_trial_result(trial, {**last, "epoch": epoch})
@@ -72,7 +75,8 @@ def test_a_trial_is_early_stopped_only_when_its_last_result_says_so(mlflow_uri: 
     tags = {r.data.tags["rungwise.trial_id"]: r.data.tags
             for r in cl.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")}
     assert {tid: t["rungwise.status"] for tid, t in tags.items()} == {
-        "patience": "early_stopped", "asha": "stopped_by_scheduler", "full": "finished"}
+        "patience": "early_stopped", "asha": "stopped_by_scheduler", "full": "finished",
+        "short": "finished"}
     assert tags["patience"]["rungwise.stop_reason"] == reason
     assert tags["asha"]["rungwise.stopped_at_epoch"] == "4"
     assert "rungwise.stop_reason" not in tags["full"]

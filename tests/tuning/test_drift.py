@@ -162,6 +162,28 @@ def test_changed_schema_fails_the_quality_gate_one_line_per_problem(
     assert check(sample(pool, 500, 1), "income", "classification", prof) == []
     no_target = check(new.drop(columns=["income"]), "income", "classification", prof)
     assert no_target[0] == "target: column 'income' is not in the new data"
+    unlabelled = sample(pool, 500, 2)
+    unlabelled.loc[unlabelled.index[:3], "income"] = None  # training refuses these rows too
+    assert check(unlabelled, "income", "classification", prof) == [
+        "target: 'income' is missing in 3 of 500 rows; label every row or drop unlabelled rows"]
+
+
+def test_integer_codes_read_the_same_with_or_without_a_missing_value() -> None:
+    """pandas stores an integer column with one missing value as floats (9 -> 9.0): profile
+    and comparison read both as '9', so that alone is neither drift nor a new class."""
+    rng = np.random.default_rng(0)
+    codes = pd.Series(rng.integers(1, 6, 2000))  # int64, nothing missing
+    target = pd.Series(rng.integers(0, 2, 2000))
+    prof = profiles.build(pd.DataFrame({"grade": codes}), target, {"grade": "categorical"}, [],
+                          "classification", target="label")
+    assert set(prof["columns"]["grade"]["counts"]) == {"1", "2", "3", "4", "5"}
+    new = pd.DataFrame({"grade": pd.Series(rng.integers(1, 6, 2000)).astype("float64"),
+                        "label": pd.Series(rng.integers(0, 2, 2000)).astype("float64")})
+    new.loc[0, "grade"] = np.nan
+    report = compare(prof, new, DriftSpec())
+    (grade,) = [c for c in report.columns if c.name == "grade"]
+    assert grade.unseen == {} and not grade.moved, table(report)
+    assert check(new, "label", "classification", prof) == []
 
 
 # --- no false alarms --------------------------------------------------------------------

@@ -190,6 +190,11 @@ def test_a_member_resumes_from_its_trial_checkpoint_and_the_best_model_rebuilds(
     got = evaluate(run.fit.model, tensors.x_val, tensors.y_val, tensors, prefix="val_")
     assert got["val_loss"] == pytest.approx(min(losses), rel=1e-5)
     assert set(last["files"]) == {CKPT_FILE, PACK_FILE}
+    # a driver that died between the last report and Tune's "complete": the resumed member has
+    # nothing left to train and ends at once, reporting nothing more (as fit returns)
+    finished = PackServer(shared, config, 1)
+    finished.join("t", config, last["files"])
+    assert finished.next("t") == {"metrics": None, "files": None, "done": True}
 
 
 def _descendants_titled(title: str) -> list[int]:
