@@ -334,10 +334,15 @@ def _update_best(state: _State, val_loss: float, net: nn.Module,
 
 
 def _stop_reason(early_stopping: Any, state: _State) -> str:
-    return (f"train.early_stopping: val_loss did not improve on {state.best_val_loss:.6g} "
-            f"(epoch {state.best_epoch}) by more than "
-            f"{float(getattr(early_stopping, 'min_delta', 0.0) or 0.0):g} "
-            f"for {early_stopping.patience} epochs")
+    return stop_reason(state.best_val_loss, state.best_epoch,
+                       float(getattr(early_stopping, "min_delta", 0.0) or 0.0),
+                       int(early_stopping.patience))
+
+
+def stop_reason(best_val_loss: float, best_epoch: int, min_delta: float, patience: int) -> str:
+    """The sentence an early-stopped run reports (``fit`` and packed members alike)."""
+    return (f"train.early_stopping: val_loss did not improve on {best_val_loss:.6g} "
+            f"(epoch {best_epoch}) by more than {min_delta:g} for {patience} epochs")
 
 
 def make_optimizer(params: Any, cfg: TrainSpec) -> torch.optim.Optimizer:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from trainer.config import ModelSpec, TrainSpec
-from trainer.loop import STOP_KEYS, TensorData, resolve_device
+from trainer.loop import STOP_KEYS, TensorData, resolve_device, stop_reason
 from trainer.metrics import task_metrics
 from trainer.models import EVAL_BATCH, build_model
 from trainer.pack_member import Member, MemberResult, pack_key, pack_pays
@@ -216,9 +216,8 @@ class Pack:
             s.bad_epochs += 1
         s.stopped_early = m.patience is not None and s.bad_epochs >= m.patience
         if s.stopped_early:  # fit's stop keys and sentence, so a tracker tags it as fit's
-            reason = (f"train.early_stopping: val_loss did not improve on "
-                      f"{s.best_val_loss:.6g} (epoch {s.best_epoch}) by more than "
-                      f"{m.min_delta:g} for {m.patience} epochs")
+            assert m.patience is not None
+            reason = stop_reason(s.best_val_loss, s.best_epoch, m.min_delta, m.patience)
             metrics.update(zip(STOP_KEYS, (1, reason), strict=True))
             s.history[-1] = dict(metrics)
         if s.stopped_early or s.epoch >= m.epochs:
