@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # A CUDA build of torch: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
+# make test: test processes (pytest-xdist); a module runs in one of them (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-fast bench bench-quick lint clean
 
@@ -20,7 +22,7 @@ run: setup
 	$(BIN)/rungwise tune examples/adult.yaml
 
 test: setup
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow and not ray"

@@ -135,3 +135,36 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"mlflow server did not answer on {url}")
+
+
+HEAVY_FIRST = (
+    "tests/cluster/", "tests/tuning/test_ddp_resume.py", "tests/test_artifact_attacks.py",
+    "tests/reliability/test_mlflow_outage.py", "tests/jobs/test_submit.py",
+    "tests/tuning/test_sweep.py", "tests/reliability/test_signals.py",
+    "tests/tuning/test_packed_sweep.py", "tests/tuning/test_localray.py",
+    "tests/jobs/test_retrain.py", "tests/tuning/test_autoscale.py",
+    "tests/reliability/test_faults.py", "tests/test_security.py", "tests/jobs/test_cli_train.py",
+)
+"""Modules that take 30 s or more here (measured with --durations, 2026-12-01), longest first:
+under ``make test`` (pytest-xdist, ``--dist loadgroup``) they are handed out first so that the
+last module to start is a short one."""
+
+
+def _group(item: pytest.Item) -> str:
+    path = Path(str(item.fspath)).relative_to(ROOT).as_posix()
+    return "tests/cluster/" if path.startswith("tests/cluster/") else path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One xdist group per module (its module-scoped fixtures, e.g. a sweep shared by several
+    checks, are then built once, in one process) and one for the two-node cluster (one
+    cluster, its tests in file order); heavy modules first. Without -n this only reorders."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+    def rank(item: pytest.Item) -> int:
+        group = _group(item)
+        return next((i for i, p in enumerate(HEAVY_FIRST) if group.startswith(p)),
+                    len(HEAVY_FIRST))
+
+    items.sort(key=rank)  # stable: file order within a module, modules in file order otherwise

@@ -84,3 +84,32 @@ def arrival(folder: Path, trial_id: str) -> int:
         break
     mine.write_text(str(n))
     return n
+
+
+def held_until(signal_file: Path, timeout: float = 300) -> Callable[[dict[str, Any], Any], None]:
+    """A Tune function trainable that runs ``tuning.trainable.run_trial`` unchanged, except
+    that each trial's first ``ray.tune.report`` waits until ``signal_file`` exists (or
+    ``timeout`` passes). A test that creates the file when it has done what it waits to do
+    (stop a server) then knows every epoch is reported after that, however fast the machine."""
+    from tuning.trainable import run_trial as real
+
+    def run_trial(config: dict[str, Any], shared: Any) -> None:
+        import time
+
+        import ray.tune
+
+        report = ray.tune.report
+
+        def report_when_released(metrics: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            deadline = time.time() + timeout
+            while not signal_file.exists() and time.time() < deadline:
+                time.sleep(0.1)
+            report(metrics, *args, **kwargs)
+
+        ray.tune.report = report_when_released
+        try:
+            real(config, shared)
+        finally:
+            ray.tune.report = report
+
+    return run_trial

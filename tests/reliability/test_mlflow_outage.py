@@ -1,5 +1,5 @@
 """The MLflow tracking server goes away: mid-sweep (killed, restarted on the same port and the
-same SQLite store 30 s later) and before a sweep starts.
+same SQLite store 15 s later; trials report nothing before it is down) and before a sweep starts.
 
 Each test runs its own ``mlflow server`` subprocess (in its own session, stopped with SIGTERM to
 the whole group), not the shared fixture, so that killing it disturbs nothing else.
@@ -21,17 +21,21 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+import tuning.sweep
 from tests.conftest import _wait_http, free_port
+from tests.reliability.faults import held_until
 from tests.tuning.test_sweep import children, small_spec
 from tuning.errors import TrackingError
 from tuning.sweep import run_sweep
 
-OUTAGE_S = 30.0
-"""Down for 30 s plus the restart (5-20 s here). MLflow's client retries a refused call itself
+OUTAGE_S = 15.0
+"""Down for 15 s plus the restart (5-20 s here). MLflow's client retries a refused call itself
 (7 tries, sleeping 2, 4, ..., 64 s), under RunLogger's own retries: the first write after the
-outage lands at MLflow's next try, 62 s after the server went away, well inside the 120 s
-end-of-sweep flush. A server that stays away longer than ~60 s delays delivery to the try at
-126 s, which can outlast that flush (see README_SURVIVES.md)."""
+outage lands at MLflow's next try (30 or 62 s after the server went away), well inside the
+120 s end-of-sweep flush. A server that stays away longer than ~60 s delays delivery to the
+try at 126 s, which can outlast that flush (see README_SURVIVES.md). Trials report nothing
+before the server is down (tests/reliability/faults.py::held_until), so the epochs of the
+outage are there however fast the machine is."""
 LR_SPACE = {"train.lr": {"loguniform": [1e-3, 1e-2]}}
 
 
@@ -109,6 +113,8 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_blocks_no_trial(
         "tracking.register_as": "outage"})
     window: dict[str, float] = {}
     errors: list[BaseException] = []
+    down = tmp_path / "server-down"
+    monkeypatch.setattr(tuning.sweep, "run_trial", held_until(down))
 
     def outage() -> None:
         """Kill the server once the first trial's run exists; bring it back OUTAGE_S later."""
@@ -122,6 +128,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_blocks_no_trial(
                 time.sleep(0.5)
             window["down"] = time.time()
             server.stop()
+            down.touch()  # the held trials report from now on
             time.sleep(OUTAGE_S)
             server.start()
             window["up"] = time.time()
@@ -156,7 +163,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_blocks_no_trial(
         steps = [m.step for m in cl.get_metric_history(kid.info.run_id, "val_loss")]
         if "rungwise.lost_metrics" not in kid.data.tags:
             assert sorted(steps) == [1, 2, 3], (kid.data.tags["rungwise.trial_id"], steps)
-    # a 30 s outage is well inside the 180 s retry window: nothing may be lost
+    # a 15 s outage is well inside the 180 s retry window: nothing may be lost
     assert not [k for k in kids if "rungwise.lost_metrics" in k.data.tags]
     parent = cl.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
