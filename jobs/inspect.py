@@ -16,30 +16,31 @@ if TYPE_CHECKING:
 
 def inspect_spec(spec: JobSpec) -> str:
     # imported here: `rungwise inspect` reports a bad spec before pandas and sklearn load
+    from trainer.data import Images
     from trainer.pipeline import make_imputer, split_data
 
     raw = split_data(spec.data)
     lines = [f"spec: {spec.name}   data: {spec.data.path}   fingerprint: {raw.fingerprint}"]
-    if raw.images is not None:
-        tr = raw.images["train"]
-        lines.append(f"images: {tuple(tr.x.shape[1:])} (C, H, W); rows train/val/test: "
-                     f"{len(tr.x)}/{len(raw.images['val'].x)}/{len(raw.images['test'].x)}; "
-                     f"classes: {len(set(tr.y.tolist()))}; no missing values (images)")
+    train = raw.train
+    rows = f"{len(train)}/{len(raw.val)}/{len(raw.test)}"
+    if isinstance(train, Images):
+        lines.append(f"images: {tuple(train.x.shape[1:])} (C, H, W); rows train/val/test: "
+                     f"{rows}; classes: {len(set(train.y.tolist()))}; "
+                     "no missing values (images)")
         return "\n".join(lines)
-    assert raw.splits is not None and raw.schema is not None
-    sp, schema = raw.splits, raw.schema
-    lines.append(f"task: {schema.task}   target: {schema.target}   rows train/val/test: "
-                 f"{len(sp.train)}/{len(sp.val)}/{len(sp.test)}")
+    assert raw.schema is not None
+    schema = raw.schema
+    lines.append(f"task: {schema.task}   target: {schema.target}   rows train/val/test: {rows}")
     if schema.task == "classification":
-        shares = sp.train[schema.target].value_counts(normalize=True)
+        shares = train[schema.target].value_counts(normalize=True)
         lines.append("classes (train): " + ", ".join(f"{k}={v:.1%}" for k, v in shares.items()))
     imputer = make_imputer(spec.impute)
-    plan = imputer.describe_plan(sp.train[schema.features])
+    plan = imputer.describe_plan(train[schema.features])
     lines.append(f"impute: numeric={spec.impute.numeric} categorical={spec.impute.categorical} "
                  f"drop_columns_above={spec.impute.drop_columns_above} "
                  f"indicator={spec.impute.indicator}")
     lines.append("")
-    lines.append(_table(plan, sp.train))
+    lines.append(_table(plan, train))
     dropped = sum(1 for row in plan if str(row["action"]).startswith("drop column"))
     if dropped:
         lines.append(f"\n{dropped} column(s) will be dropped: check that this is what you want "

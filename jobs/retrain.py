@@ -161,11 +161,11 @@ def holdout(raw: Any) -> tuple[Any, Any]:
     """The new data's test split as raw rows and raw targets (images: flattened pixels)."""
     import pandas as pd
 
-    if raw.images is not None:
-        test = raw.images["test"]
+    test = raw.test
+    if raw.is_images:
         return pd.DataFrame(test.x.reshape(len(test.x), -1)), test.y
     target = raw.schema.target
-    return raw.splits.test.drop(columns=[target]), raw.splits.test[target]
+    return test.drop(columns=[target]), test[target]
 
 
 def _fmt(value: float | None) -> str:

@@ -36,7 +36,7 @@ class Shapes:
 
 @dataclass
 class ArrayData(Shapes):
-    """Train / val / test arrays and what a model needs to know of the target."""
+    """Train/val/test arrays + target facts, no preprocessor: what a sweep sends its trials."""
 
     x_train: np.ndarray
     y_train: np.ndarray

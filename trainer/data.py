@@ -1,5 +1,9 @@
 """Reading a table (CSV / Parquet via pyarrow) or images (.npz), its schema, and the split.
 
+The types: ``Schema`` (target and feature columns of a table), ``Images`` (pixels and labels
+of an .npz file, or of one split of it) and ``SplitData`` (the three splits, frames or
+``Images``, with the schema and the data's fingerprint).
+
 Takes the ``data`` section of the job spec (``trainer.config.DataSpec``; the split, its
 ``SplitSpec``); no Ray, no MLflow. Every error is a ``DataError`` whose one-line message
 names the spec key.
@@ -45,19 +49,36 @@ class Schema:
 
 
 @dataclass
-class Splits:
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame
-
-
-@dataclass
-class ImageSet:
-    """Images (N, C, H, W) float32 and labels, as read from an .npz file."""
+class Images:
+    """Images (N, C, H, W) float32 and their labels: what ``read_images`` returns from an .npz
+    file, and what each split of image data holds."""
 
     x: np.ndarray
     y: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class SplitData:
+    """Train/val/test splits, unfitted: made by ``split_data``, read by ``prepare`` (pipeline).
+
+    A sweep's driver keeps it, and trials get it for an imputation fitted in the trial."""
+
+    train: pd.DataFrame | Images
+    """A table's rows (features and target), or ``Images`` for .npz data; so are val, test."""
+    val: pd.DataFrame | Images
+    test: pd.DataFrame | Images
+    schema: Schema | None
+    """The table's target and feature columns; None for images."""
+    fingerprint: str
+    task: str
+
+    @property
+    def is_images(self) -> bool:
+        return isinstance(self.train, Images)
 
 
 def detect_format(path: str, declared: str = "auto") -> str:
@@ -284,8 +305,9 @@ def select(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return out
 
 
-def split(df: pd.DataFrame, schema: Schema, spec: SplitSpec) -> Splits:
-    """Seeded train/val/test split, stratified on the target for classification."""
+def split(df: pd.DataFrame, schema: Schema,
+          spec: SplitSpec) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Seeded (train, val, test) split of ``df``, stratified on the target for classification."""
     from sklearn.model_selection import train_test_split  # slow import; only needed here
 
     n = len(df)
@@ -304,7 +326,7 @@ def split(df: pd.DataFrame, schema: Schema, spec: SplitSpec) -> Splits:
     strat_rest = rest[schema.target] if strat is not None else None
     train, val = train_test_split(rest, test_size=n_val, random_state=spec.seed + 1,
                                   stratify=strat_rest)
-    return Splits(train=train, val=val, test=test)
+    return train, val, test
 
 
 def fingerprint(df: pd.DataFrame) -> str:
@@ -314,7 +336,7 @@ def fingerprint(df: pd.DataFrame) -> str:
     return hashlib.sha256(h.tobytes() + cols).hexdigest()[:16]
 
 
-def read_images(data: DataSpec) -> ImageSet:
+def read_images(data: DataSpec) -> Images:
     """Read ``x`` (N, H, W) or (N, C, H, W) and ``y`` from an .npz file."""
     path = str(data.path)
     _check_exists(path)
@@ -337,4 +359,4 @@ def read_images(data: DataSpec) -> ImageSet:
                         f"got x{x.shape} and y{y.shape}")
     if not np.isfinite(x.astype(np.float64)).all():
         raise DataError(f"data.path: x in {path} has missing or infinite pixels")
-    return ImageSet(x=x.astype(np.float32), y=y)
+    return Images(x=x.astype(np.float32), y=y)

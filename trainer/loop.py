@@ -73,7 +73,9 @@ class DeviceError(RungwiseError):
 
 @dataclass
 class TensorData(Shapes):
-    """Train / val / test tensors. x float32; y int64 (classes) or float32 (standardised)."""
+    """Train/val/test torch tensors that ``fit`` trains on, made in the trial (from_prepared).
+
+    x float32; y int64 (classes) or float32 (standardised)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor

@@ -1,8 +1,15 @@
 """From the spec's data + impute sections (trainer/config.py) to arrays a network trains on.
 
 read -> schema -> split (seeded) -> imputer + encoder fitted on the training split only ->
-float32 arrays. ``split_data`` and ``prepare`` are separate so a sweep reads and splits once
-and prepares once per distinct imputation choice.
+float32 arrays. The types in that flow:
+
+    split_data(DataSpec) -> SplitData            trainer.data: the three splits, unfitted
+    prepare(SplitData, ImputeSpec) -> Prepared   arrays + fitted preprocessor, in the driver
+    Prepared.arrays() -> ArrayData               trainer.arrays: what a sweep sends its trials
+    TensorData.from_prepared(ArrayData)          trainer.loop: torch tensors, in the trial
+
+``split_data`` and ``prepare`` are separate so a sweep reads and splits once and prepares
+once per distinct imputation choice.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from trainer.arrays import ArrayData
 from trainer.config import DataSpec, ImputeSpec
 from trainer.data import (
     DataError,
-    ImageSet,
+    Images,
     Schema,
-    Splits,
+    SplitData,
     detect_format,
     fingerprint,
     infer_schema,
@@ -32,20 +39,9 @@ from trainer.encode import Preprocessor
 from trainer.impute import Imputer
 
 
-@dataclass
-class RawData:
-    """The split, before any fitting: what a sweep shares between trials."""
-
-    splits: Splits | None
-    schema: Schema | None
-    images: dict[str, ImageSet] | None
-    fingerprint: str
-    task: str
-
-
 @dataclass(kw_only=True)
 class Prepared(ArrayData):
-    """The arrays and the fitted preprocessor that made them (kept in the driver)."""
+    """Arrays + the fitted preprocessor: made by ``prepare``, kept in the driver for the model."""
 
     preprocessor: Any
     fingerprint: str
@@ -58,19 +54,19 @@ class Prepared(ArrayData):
         return ArrayData(**{f.name: getattr(self, f.name) for f in fields(ArrayData)})
 
 
-def split_data(data: DataSpec) -> RawData:
-    """Read and split the data named by the spec's ``data`` section."""
+def split_data(data: DataSpec) -> SplitData:
+    """``DataSpec -> SplitData``: read and split the data named by the spec's ``data`` section."""
     if detect_format(str(data.path), data.format) == "npz":
         return _split_images(data)
     df = read_table(data)
     schema = infer_schema(df, data)
     frame = select(df, schema)
-    splits = split(frame, schema, data.split)
-    return RawData(splits=splits, schema=schema, images=None,
-                   fingerprint=fingerprint(frame), task=data.task)
+    train, val, test = split(frame, schema, data.split)
+    return SplitData(train=train, val=val, test=test, schema=schema,
+                     fingerprint=fingerprint(frame), task=data.task)
 
 
-def _split_images(data: DataSpec) -> RawData:
+def _split_images(data: DataSpec) -> SplitData:
     if data.task != "classification":
         raise DataError("data.task: image data (.npz) supports classification only")
     images = read_images(data)
@@ -79,12 +75,12 @@ def _split_images(data: DataSpec) -> RawData:
         raise DataError("data.path: y holds a single class; classification needs two")
     idx = pd.DataFrame({"y": y})
     schema = Schema(target="y", task="classification", numeric=[], categorical=[])
-    parts = split(idx, schema, data.split)
-    sets = {name: ImageSet(x=images.x[part.index.to_numpy()], y=images.y[part.index.to_numpy()])
-            for name, part in (("train", parts.train), ("val", parts.val), ("test", parts.test))}
+    rows = [part.index.to_numpy() for part in split(idx, schema, data.split)]
+    train, val, test = (Images(x=images.x[r], y=images.y[r]) for r in rows)
     fp = fingerprint(pd.DataFrame({"x": images.x.reshape(len(images.x), -1).sum(1),
                                    "y": images.y}))
-    return RawData(splits=None, schema=None, images=sets, fingerprint=fp, task=data.task)
+    return SplitData(train=train, val=val, test=test, schema=None, fingerprint=fp,
+                     task=data.task)
 
 
 def make_imputer(impute: ImputeSpec) -> Imputer:
@@ -93,14 +89,16 @@ def make_imputer(impute: ImputeSpec) -> Imputer:
                    indicator=impute.indicator, fill_value=impute.fill_value)
 
 
-def prepare(raw: RawData, impute: ImputeSpec) -> Prepared:
-    """Fit the preprocessing on the training split only, then transform all three."""
-    if raw.images is not None:
-        return _prepare_images(raw)
-    assert raw.splits is not None and raw.schema is not None
-    target = raw.schema.target
-    tr, va, te = raw.splits.train, raw.splits.val, raw.splits.test
-    pre = Preprocessor(make_imputer(impute), task=raw.task)
+def prepare(data: SplitData, impute: ImputeSpec) -> Prepared:
+    """``SplitData, ImputeSpec -> Prepared``: fit the preprocessing on the training split only,
+    then transform all three."""
+    tr, va, te = data.train, data.val, data.test
+    if isinstance(tr, Images):
+        return _prepare_images(data)
+    assert isinstance(va, pd.DataFrame) and isinstance(te, pd.DataFrame)
+    assert data.schema is not None
+    target = data.schema.target
+    pre = Preprocessor(make_imputer(impute), task=data.task)
     x_tr, y_tr = pre.fit_transform(tr.drop(columns=[target]), tr[target])
     if len(x_tr) == 0:
         raise DataError("impute: no training rows left after drop_rows; "
@@ -110,14 +108,14 @@ def prepare(raw: RawData, impute: ImputeSpec) -> Prepared:
     if len(x_va) == 0 or len(x_te) == 0:
         raise DataError("impute: drop_rows left an empty validation or test split")
     tgt = pre.target_encoder_
-    n_classes = len(tgt.classes_) if raw.task == "classification" else 0
+    n_classes = len(tgt.classes_) if data.task == "classification" else 0
     info = {"rows_train": len(x_tr), "rows_val": len(x_va), "rows_test": len(x_te),
             "rows_dropped_train": len(tr) - len(x_tr),
             "rows_dropped_eval": (len(va) - len(kept_va)) + (len(te) - len(kept_te)),
             "n_features": int(x_tr.shape[1])}
     return Prepared(x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te, y_test=y_te,
-                    task=raw.task, n_classes=n_classes, preprocessor=pre,
-                    fingerprint=raw.fingerprint,
+                    task=data.task, n_classes=n_classes, preprocessor=pre,
+                    fingerprint=data.fingerprint,
                     y_mean=float(getattr(tgt, "mean_", 0.0) or 0.0),
                     y_scale=float(getattr(tgt, "scale_", 1.0) or 1.0), info=info,
                     example=example_rows(va.drop(columns=[target]), pre))
@@ -161,16 +159,16 @@ class ImagePreprocessor:
         return self.classes_[np.asarray(idx)]
 
 
-def _prepare_images(raw: RawData) -> Prepared:
-    assert raw.images is not None
-    tr, va, te = raw.images["train"], raw.images["val"], raw.images["test"]
+def _prepare_images(data: SplitData) -> Prepared:
+    tr, va, te = data.train, data.val, data.test
+    assert isinstance(tr, Images) and isinstance(va, Images) and isinstance(te, Images)
     pre = ImagePreprocessor().fit(tr.x, tr.y)
     return Prepared(
         x_train=pre.transform_x(tr.x), y_train=pre.transform_y(tr.y),
         x_val=pre.transform_x(va.x), y_val=pre.transform_y(va.y),
         x_test=pre.transform_x(te.x), y_test=pre.transform_y(te.y),
         task="classification", n_classes=len(pre.classes_), preprocessor=pre,
-        fingerprint=raw.fingerprint,
+        fingerprint=data.fingerprint,
         info={"rows_train": len(tr.x), "rows_val": len(va.x), "rows_test": len(te.x),
               "input_shape": list(tr.x.shape[1:])})
 

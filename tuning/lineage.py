@@ -60,12 +60,10 @@ def training_input(path: str, fingerprint: str, frame: pd.DataFrame | None, rows
 
 
 def from_raw(data: DataSpec, raw: Any) -> Any:
-    """The training split of a sweep's (or retrain's) ``RawData``."""
-    if raw.splits is not None:
-        train = raw.splits.train
-        return training_input(data.path, raw.fingerprint, train, len(train), _name(data))
-    return training_input(data.path, raw.fingerprint, None, len(raw.images["train"].x),
-                          _name(data))
+    """The training split of a sweep's (or retrain's) ``SplitData``."""
+    train = raw.train
+    frame = None if raw.is_images else train
+    return training_input(data.path, raw.fingerprint, frame, len(train), _name(data))
 
 
 def from_prepared(data: DataSpec, prepared: Any) -> Any:

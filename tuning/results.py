@@ -9,7 +9,8 @@ from typing import Any
 
 from trainer.bundle import ModelBundle
 from trainer.checkpoint import load_checkpoint
-from trainer.pipeline import Prepared, RawData, prepare
+from trainer.data import SplitData
+from trainer.pipeline import Prepared, prepare
 from trainer.run import Hooks, train_run
 from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
@@ -67,7 +68,7 @@ def _checkpoint_dir(result: Any) -> Any:
     raise RungwiseError("sweep: the best trial left no checkpoint to build the model from")
 
 
-def evaluate_best(spec: SweepSpec, best: tuple[Any, float], raw: RawData,
+def evaluate_best(spec: SweepSpec, best: tuple[Any, float], raw: SplitData,
                   local: dict[str, Prepared]) -> Evaluated:
     """The best trial's model: ``train_run`` resumed from its last checkpoint with nothing
     left to train restores the best epoch's weights, evaluates them on the test split and

@@ -22,7 +22,8 @@ import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from trainer.pipeline import Prepared, RawData, prepare, split_data
+from trainer.data import SplitData
+from trainer.pipeline import Prepared, prepare, split_data
 from tuning import registry
 from tuning.callback import Live, MlflowSweepCallback, SweepTracker
 from tuning.config import SweepSpec
@@ -79,7 +80,7 @@ def init_ray(address: str | None) -> None:
         signal.signal(signal.SIGTERM, before)
 
 
-def prepare_variants(spec: SweepSpec, raw: RawData) -> dict[str, Prepared]:
+def prepare_variants(spec: SweepSpec, raw: SplitData) -> dict[str, Prepared]:
     """Prepare once per distinct imputation choice."""
     variants = impute_variants(spec) or []
     return {variant_key(v): prepare(raw, spec.with_overrides(v).impute) for v in variants}
@@ -99,7 +100,8 @@ def warm_store(uri: str | None) -> None:
         client(uri).search_experiments(max_results=1)
 
 
-def _prepare_and_open_store(spec: SweepSpec, raw: RawData, uri: str | None) -> dict[str, Prepared]:
+def _prepare_and_open_store(spec: SweepSpec, raw: SplitData,
+                            uri: str | None) -> dict[str, Prepared]:
     local = prepare_variants(spec, raw)
     warm_store(uri)
     return local
@@ -279,7 +281,7 @@ def _save_state(spec: SweepSpec, path: Path, parent: ParentRun | None, uri: str 
         "tracking": uri is not None, "spec": spec.name}, indent=2))
 
 
-def _finish(spec: SweepSpec, strategy: Strategy, grid: Any, raw: RawData,
+def _finish(spec: SweepSpec, strategy: Strategy, grid: Any, raw: SplitData,
             local: dict[str, Prepared], parent: ParentRun | None,
             tracker: SweepTracker | None, uri: str | None, register: bool) -> SweepResult:
     best = best_trial(grid, spec.tune.metric, spec.tune.mode)

@@ -42,7 +42,7 @@ class Shared:
     prepared: dict[str, Any]
     """variant key -> ObjectRef of an ArrayData."""
     raw: Any
-    """ObjectRef of the RawData, for imputation choices that cannot be enumerated."""
+    """ObjectRef of the SplitData, for imputation choices that cannot be enumerated."""
     checkpoint_every: int
     storage_path: str = ""
     """Absolute: where Ray Train keeps the checkpoints of multi-worker trials."""

@@ -73,7 +73,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     good = folder / "good.csv"
     frame.to_csv(good, header=False, index=False)
     spec_path = write_spec(folder, good, "sqlite:///unused.db")
-    good_test = split_data(load_spec(spec_path).data).splits.test
+    good_test = split_data(load_spec(spec_path).data).test
     test_rows = good_test.index
     noisy_frame = frame.copy()
     rest = np.setdiff1d(np.arange(len(frame)), test_rows.to_numpy())
@@ -82,7 +82,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         noisy_frame.iloc[rest, col] = frame.iloc[rng.permutation(rest), col].to_numpy()
     noisy = folder / "noisy.csv"
     noisy_frame.to_csv(noisy, header=False, index=False)
-    noisy_test = split_data(load_spec(spec_path, {"data.path": str(noisy)}).data).splits.test
+    noisy_test = split_data(load_spec(spec_path, {"data.path": str(noisy)}).data).test
     pd.testing.assert_frame_equal(noisy_test, good_test)  # the same holdout in both files
     return {"good": good, "noisy": noisy}
 

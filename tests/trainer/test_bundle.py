@@ -39,7 +39,7 @@ def test_evaluate_on_raw_rows_matches_the_run(trained):
     spec, prepared, result = trained
     from trainer.pipeline import split_data
 
-    test = split_data(spec.data).splits.test
+    test = split_data(spec.data).test
     metrics = result.bundle.evaluate(test.drop(columns=["income"]), test["income"])
     assert metrics["test_accuracy"] == pytest.approx(result.test_metrics["test_accuracy"])
 

@@ -15,6 +15,7 @@ from tests.conftest import write_file
 from trainer.data import (
     MAX_CATEGORIES,
     DataError,
+    Images,
     fingerprint,
     infer_schema,
     read_images,
@@ -154,28 +155,27 @@ def adult() -> tuple[pd.DataFrame, Any, Any]:
 def test_split_is_seeded(adult: tuple[pd.DataFrame, Any, Any]) -> None:
     frame, schema, data = adult
     a, b = split(frame, schema, data.split), split(frame, schema, data.split)
-    for part in ("train", "val", "test"):
-        assert getattr(a, part).index.equals(getattr(b, part).index)
+    for part_a, part_b in zip(a, b, strict=True):  # train, val, test
+        assert part_a.index.equals(part_b.index)
     other = split(frame, schema, data.split.model_copy(update={"seed": 1}))
-    assert not other.test.index.equals(a.test.index)
+    assert not other[2].index.equals(a[2].index)
 
 
 def test_split_sizes_disjoint_and_complete(adult: tuple[pd.DataFrame, Any, Any]) -> None:
     frame, schema, data = adult
-    sp = split(frame, schema, data.split)
+    train, val, test = split(frame, schema, data.split)
     n = len(frame)
-    assert (len(sp.test), len(sp.val)) == (round(n * 0.15), round(n * 0.15))
-    idx = [set(p.index) for p in (sp.train, sp.val, sp.test)]
+    assert (len(test), len(val)) == (round(n * 0.15), round(n * 0.15))
+    idx = [set(p.index) for p in (train, val, test)]
     assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
     assert set().union(*idx) == set(frame.index)
 
 
 def test_split_is_stratified_on_adult(adult: tuple[pd.DataFrame, Any, Any]) -> None:
     frame, schema, data = adult
-    sp = split(frame, schema, data.split)
     overall = frame[schema.target].value_counts(normalize=True)
     assert overall[">50K"] == pytest.approx(0.24, abs=0.01)
-    for part in (sp.train, sp.val, sp.test):
+    for part in split(frame, schema, data.split):
         shares = part[schema.target].value_counts(normalize=True)
         for label, share in overall.items():
             assert abs(shares[label] - share) < 0.01, (label, shares[label], share)
@@ -185,8 +185,8 @@ def test_tiny_class_falls_back_to_an_unstratified_split(tmp_path: Path) -> None:
     rows = "".join(f"{i},{'b' if i < 2 else 'a'}\n" for i in range(40))
     data = data_spec(write(tmp_path, "x,y\n" + rows))
     with pytest.warns(UserWarning, match="data.split.stratify: a class has fewer than 3 rows"):
-        sp = split_data(data).splits
-    assert sp is not None and len(sp.train) + len(sp.val) + len(sp.test) == 40
+        sp = split_data(data)
+    assert not sp.is_images and len(sp.train) + len(sp.val) + len(sp.test) == 40
 
 
 # --- every DataError and its message ------------------------------------------------------
@@ -344,6 +344,18 @@ def test_read_images(tmp_path: Path) -> None:
     x = np.arange(40 * 64, dtype=np.uint8).reshape(40, 8, 8)
     images = read_images(data_spec(save_npz(tmp_path, x=x, y=np.arange(40) % 2)))
     assert images.x.shape == (40, 1, 8, 8) and images.x.dtype == np.float32
+
+
+def test_image_data_splits_into_three_disjoint_image_sets(tmp_path: Path) -> None:
+    x = np.arange(40 * 64, dtype=np.float32).reshape(40, 8, 8)  # image i starts with 64 i
+    data = split_data(data_spec(save_npz(tmp_path, x=x, y=np.arange(40) % 2)))
+    assert data.is_images and data.schema is None and data.task == "classification"
+    parts = [p for p in (data.train, data.val, data.test) if isinstance(p, Images)]
+    assert [len(p) for p in parts] == [28, 6, 6]
+    ids = [(p.x[:, 0, 0, 0] // 64).astype(int) for p in parts]
+    assert sorted(np.concatenate(ids)) == list(range(40))  # disjoint and complete
+    for p, i in zip(parts, ids, strict=True):  # every label stays with its image
+        assert (p.y == i % 2).all()
 
 
 def test_npz_without_x_and_y(tmp_path: Path) -> None:

@@ -20,16 +20,16 @@ from trainer.pipeline import prepare, split_data
 def prepared_adult():
     spec = load_spec(EXAMPLES / "adult.yaml", {"impute.drop_columns_above": 0.5})
     raw = split_data(spec.data)
-    train = raw.splits.train.copy()
+    train = raw.train.copy()
     train["workclass"] = train["workclass"].where(np.arange(len(train)) % 10 == 0)  # 90% NA
-    raw.splits.train = train
+    raw.train = train
     return raw, prepare(raw, spec.impute)
 
 
 def test_the_profile_describes_the_training_split_only(prepared_adult) -> None:
     raw, prepared = prepared_adult
     prof = prepared.preprocessor.profile_
-    train = raw.splits.train
+    train = raw.train
     assert prof["rows"] == len(train) and prof["task"] == "classification"
     assert prof["target"]["name"] == "income"
     assert prof["target"]["counts"] == {str(k): int(v) for k, v in
