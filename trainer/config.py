@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from trainer.errors import RungwiseError
 
@@ -110,6 +117,16 @@ class ImputeSpec(StrictSection):
     drop_columns_above: float | None = Field(default=None, gt=0, le=1)
     indicator: bool = False
     fill_value: float | str | None = None
+    """For ``constant``: the number put in numeric columns (default 0) and the text put in
+    categorical ones (default ``__missing__``)."""
+
+    @field_validator("fill_value")
+    @classmethod
+    def _number_for_numbers(cls, v: float | str | None, info: ValidationInfo
+                            ) -> float | str | None:
+        if info.data.get("numeric") == "constant" and isinstance(v, str):
+            raise ValueError(f"got {v!r}, allowed: a number when impute.numeric=constant")
+        return v
 
 
 class ModelSpec(StrictSection):

@@ -114,14 +114,14 @@ class Imputer(BaseEstimator):
         _check_choice("impute.categorical", self.categorical, CATEGORICAL_STRATEGIES)
         thr = self.drop_columns_above
         if thr is not None and not (_is_number(thr) and 0 < thr <= 1):
-            raise ValueError(
+            raise RungwiseError(
                 f"impute.drop_columns_above: got {thr!r}, allowed: a fraction in (0, 1] or null"
             )
         if not isinstance(self.indicator, bool | np.bool_):
-            raise ValueError(f"impute.indicator: got {self.indicator!r}, allowed: true, false")
+            raise RungwiseError(f"impute.indicator: got {self.indicator!r}, allowed: true, false")
         fv = self.fill_value
         if self.numeric == "constant" and fv is not None and not _is_number(fv):
-            raise ValueError(
+            raise RungwiseError(
                 f"impute.fill_value: got {fv!r}, allowed: a number when impute.numeric=constant"
             )
 
@@ -288,7 +288,7 @@ class Imputer(BaseEstimator):
 # ---------------------------------------------------------------- helpers
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{key}: got {value!r}, allowed: {', '.join(allowed)}")
+        raise RungwiseError(f"{key}: got {value!r}, allowed: {', '.join(allowed)}")
 
 
 def _is_number(x: Any) -> bool:

@@ -301,6 +301,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("gpus word", spec_of(resources={"gpus_per_worker": "all"}),
      r"^resources\.gpus_per_worker: Input should be 'auto'; got 'all'"),  # no union tag
     ("fill_value list", spec_of(impute={"fill_value": [1]}), r"^impute\.fill_value: "),
+    ("fill_value text for numbers", spec_of(impute={"numeric": "constant", "fill_value": "abc"}),
+     r"^impute\.fill_value: got 'abc', allowed: a number when impute\.numeric=constant$"),
     ("accuracy on regression", spec_of(data={"task": "regression"},
                                        tune={"metric": "val_accuracy"}),
      r"^tune\.metric: val_accuracy needs data\.task: classification"),
