@@ -107,6 +107,7 @@ def prepare(data: SplitData, impute: ImputeSpec) -> Prepared:
     x_te, y_te, kept_te = pre.transform(te.drop(columns=[target]), te[target], drop_missing=True)
     if len(x_va) == 0 or len(x_te) == 0:
         raise DataError("impute: drop_rows left an empty validation or test split")
+    assert y_va is not None and y_te is not None  # the frames hold the target
     tgt = pre.target_encoder_
     n_classes = len(tgt.classes_) if data.task == "classification" else 0
     info = {"rows_train": len(x_tr), "rows_val": len(x_va), "rows_test": len(x_te),

@@ -17,12 +17,13 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModelContext
+from mlflow.pyfunc.model import PythonModel
 
 from trainer.bundle import ModelBundle
 from trainer.inputs import conform, is_tabular
 
 
-class RungwiseModel(mlflow.pyfunc.PythonModel):
+class RungwiseModel(PythonModel):
     """Raw rows (missing values allowed) -> labels (classification) or values (regression)."""
 
     def load_context(self, context: PythonModelContext) -> None:

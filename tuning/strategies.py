@@ -106,7 +106,7 @@ def build_strategy(spec: SweepSpec, warm_start: list[dict[str, Any]] | None = No
 
 def _scheduler(name: str, spec: SweepSpec, params: dict[str, Any]) -> tuple[TrialScheduler, int]:
     t, epochs = spec.tune, spec.train.epochs
-    common = {"time_attr": EPOCH}  # metric and mode come from TuneConfig
+    common: dict[str, Any] = {"time_attr": EPOCH}  # metric and mode come from TuneConfig
     if name in ("grid", "random", "bayes"):
         return FIFOScheduler(), 0
     if name == "asha":

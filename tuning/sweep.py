@@ -8,6 +8,7 @@ test split -> pyfunc model on the parent run -> registry (challenger, champion i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -15,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -75,7 +75,7 @@ def init_ray(address: str | None) -> None:
     before = signal.getsignal(signal.SIGTERM) if main else None
     with loopback_node(address):  # a local Ray listens on 127.0.0.1 only
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", configure_logging=True)
+                 logging_level=logging.ERROR, configure_logging=True)
     if main and callable(before):  # ray.init replaces it with a handler that aborts
         signal.signal(signal.SIGTERM, before)
 
@@ -270,7 +270,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
             logger.close()
 
 
-def _save_state(spec: SweepSpec, path: Path, parent: ParentRun | None, uri: str | None) -> None:
+def _save_state(spec: SweepSpec, path: StoragePath, parent: ParentRun | None,
+                uri: str | None) -> None:
     """What ``--resume`` reads back: the Tune experiment and the parent run. The tracking URI
     is not stored (it may hold a password): a resume resolves it again from the spec and
     ``MLFLOW_TRACKING_URI``, as the first run did."""

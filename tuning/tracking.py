@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import queue
@@ -205,7 +206,7 @@ class RunLogger:
                 continue
             self._send_metrics(pending)  # keep the order: metrics before later calls
             if kind == "call":
-                self._retry(lambda fn=item: fn(self.client), what="call")
+                self._retry(functools.partial(item, self.client), what="call")
             elif kind == "flush":
                 item.set()
             elif kind == "stop":
@@ -215,8 +216,8 @@ class RunLogger:
         for run_id, ms in list(pending.items()):
             for i in range(0, len(ms), MAX_BATCH):
                 chunk = ms[i:i + MAX_BATCH]
-                ok = self._retry(lambda c=chunk, r=run_id: self.client.log_batch(
-                    r, metrics=c, synchronous=True), what="metrics")
+                ok = self._retry(functools.partial(self.client.log_batch, run_id, metrics=chunk,
+                                                   synchronous=True), what="metrics")
                 if not ok:
                     self.lost[run_id] = self.lost.get(run_id, 0) + len(chunk)
         pending.clear()

@@ -158,7 +158,7 @@ def run_ddp_trial(config: dict[str, Any], shared: Shared) -> None:
                                      resources_per_worker=per_worker,
                                      placement_strategy=res.placement.upper()),
         run_config=RunConfig(name=f"ddp-{trial_id}", storage_path=shared.storage_path,
-                             callbacks=[TuneReportCallback()]))
+                             callbacks=[TuneReportCallback()]))  # type: ignore[list-item]  # Ray's stubs
     trainer.fit()
 
 
@@ -175,7 +175,7 @@ def ddp_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     rank = ray.train.get_context().get_world_rank()
     pg = get_current_placement_group()
-    extra = {"pg_id": pg.id.hex()} if pg is not None else {}
+    extra: dict[str, Any] = {"pg_id": pg.id.hex()} if pg is not None else {}
     extra["precision"] = precision(device)
     extra["nodes"] = _nodes_of_ranks()
     report = _reporter(spec, shared, extra, ray.train.report, ray.train.Checkpoint, rank)
