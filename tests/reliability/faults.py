@@ -27,19 +27,30 @@ from typing import Any
 
 
 def crashing(fault: str, folder: Path) -> Callable[[dict[str, Any], Any], None]:
-    from tuning.trainable import run_trial as real
-
-    def run_trial(config: dict[str, Any], shared: Any) -> None:
-        import ray.tune
-
-        hook = crash_hook(fault, folder, ray.tune.get_context().get_trial_id())
-        report = ray.tune.report
+    def hooked(trial_id: str, report: Callable[..., None]) -> Callable[..., None]:
+        hook = crash_hook(fault, folder, trial_id)
 
         def report_or_crash(metrics: dict[str, Any], *args: Any, **kwargs: Any) -> None:
             hook(int(metrics.get("epoch", 0)))
             report(metrics, *args, **kwargs)
 
-        ray.tune.report = report_or_crash  # one trial at a time per process (Tune's actors)
+        return report_or_crash
+
+    return with_report(hooked)
+
+
+def with_report(wrap: Callable[[str, Callable[..., None]], Callable[..., None]]
+                ) -> Callable[[dict[str, Any], Any], None]:
+    """A Tune function trainable that runs ``tuning.trainable.run_trial`` unchanged while
+    ``ray.tune.report`` is ``wrap(trial id, the real report)`` (one trial at a time per
+    process: Tune's actors)."""
+    from tuning.trainable import run_trial as real
+
+    def run_trial(config: dict[str, Any], shared: Any) -> None:
+        import ray.tune
+
+        report = ray.tune.report
+        ray.tune.report = wrap(ray.tune.get_context().get_trial_id(), report)
         try:
             real(config, shared)
         finally:
@@ -87,29 +98,19 @@ def arrival(folder: Path, trial_id: str) -> int:
 
 
 def held_until(signal_file: Path, timeout: float = 300) -> Callable[[dict[str, Any], Any], None]:
-    """A Tune function trainable that runs ``tuning.trainable.run_trial`` unchanged, except
-    that each trial's first ``ray.tune.report`` waits until ``signal_file`` exists (or
-    ``timeout`` passes). A test that creates the file when it has done what it waits to do
-    (stop a server) then knows every epoch is reported after that, however fast the machine."""
-    from tuning.trainable import run_trial as real
-
-    def run_trial(config: dict[str, Any], shared: Any) -> None:
-        import time
-
-        import ray.tune
-
-        report = ray.tune.report
-
+    """A trainable as ``with_report`` makes, whose every ``ray.tune.report`` waits until
+    ``signal_file`` exists (or ``timeout`` passes). A test that creates the file when it has done
+    what it waits to do (stop a server) then knows every epoch is reported after that, however
+    fast the machine."""
+    def held(trial_id: str, report: Callable[..., None]) -> Callable[..., None]:
         def report_when_released(metrics: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            import time
+
             deadline = time.time() + timeout
             while not signal_file.exists() and time.time() < deadline:
                 time.sleep(0.1)
             report(metrics, *args, **kwargs)
 
-        ray.tune.report = report_when_released
-        try:
-            real(config, shared)
-        finally:
-            ray.tune.report = report
+        return report_when_released
 
-    return run_trial
+    return with_report(held)
