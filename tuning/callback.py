@@ -103,6 +103,8 @@ class SweepTracker:
         self.logger, self.exp, self.parent = logger, experiment_id, parent_run_id
         self.metric, self.max_epochs = metric, max_epochs
         self.runs: dict[str, str] = {}
+        self.started: set[str] = set()
+        """trial ids whose child run this driver has created or reopened"""
         self.logged_step: dict[str, int] = {}
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
@@ -133,6 +135,7 @@ class SweepTracker:
         """Every MLflow write goes through the logger's thread, so a slow or absent server
         never blocks Tune's event loop; later writes find the run id when they run."""
         tid = trial.trial_id
+        self.started.add(tid)
         if tid in self.runs:
             run_id = self.runs[tid]
             self.logger.submit(lambda c: c.update_run(run_id, status="RUNNING"))
@@ -197,6 +200,10 @@ class SweepTracker:
         return stop_sentence(rung, self.metric, at_rung, epoch, self.mode)
 
     def on_trial_error(self, trial: Any) -> None:
+        if trial.trial_id not in self.started:
+            # its actor never started (e.g. each try was placed on a node that had just
+            # died): Tune gives it up without on_trial_start, but it is still a trial
+            self.on_trial_start(trial)
         error = _error_text(trial)
         self._end(trial, "FAILED", "failed", {"rungwise.error": error})
 

@@ -132,9 +132,12 @@ def test_a_lost_worker_node_and_a_fresh_one_joining(cluster: Cluster) -> None:
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jobs", "tune", str(spec), "--address", cluster.address,
-             "--set", f"tune.storage={cluster.bucket_uri('f')}", "--set", "tune.max_failures=3",
+             # 6, not 3: a trial that Tune placed on a node that had just died fails while its
+             # actor is created, and each such try counts (seen once in CI: a trial given up
+             # after 4 tries, none of which started); the interrupted trials need one each
+             "--set", f"tune.storage={cluster.bucket_uri('f')}", "--set", "tune.max_failures=6",
              "--set", "train.batch_size=256", "--no-register"],
-            cwd=folder, env=cluster.env, text=True, stdout=subprocess.DEVNULL, stderr=err)
+            cwd=folder, env=cluster.env, text=True, stdout=err, stderr=subprocess.STDOUT)
         try:
             wait_for_epochs(proc, uri, log, epochs=3)
             killed = sum(kill_node(p) for p in workers)  # every worker node goes away
@@ -147,8 +150,8 @@ def test_a_lost_worker_node_and_a_fresh_one_joining(cluster: Cluster) -> None:
                 proc.kill()
     assert proc.returncode == 0, log.read_text()[-5000:]
     kids = children(uri)
-    assert len(kids) == NUM_SAMPLES, ([(k.info.run_name, k.info.status) for k in kids],
-                                      log.read_text()[-4000:])
+    assert len(kids) == NUM_SAMPLES, (
+        f"{[(k.info.run_name, k.info.status) for k in kids]}\n{log.read_text()[-6000:]}")
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert [r for r in runs(uri) if r.info.status == "RUNNING"] == []
     for kid in kids:  # every epoch once: the restarted trials went on from their checkpoint

@@ -80,3 +80,38 @@ def test_a_trial_is_early_stopped_only_when_its_last_result_says_so(mlflow_uri: 
     assert tags["patience"]["rungwise.stop_reason"] == reason
     assert tags["asha"]["rungwise.stopped_at_epoch"] == "4"
     assert "rungwise.stop_reason" not in tags["full"]
+
+
+def test_a_trial_that_failed_before_it_started_is_a_failed_child_run(mlflow_uri: str) -> None:
+    """Tune gives up a trial whose actor failed to start on every try (each placed on a node
+    that had just died) with ``on_trial_error`` and no ``on_trial_start``: it is still a
+    trial of the sweep, a FAILED child run with its error and parameters."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from tuning.callback import SweepTracker
+    from tuning.tracking import RunLogger
+
+    cl = MlflowClient(mlflow_uri)
+    exp = cl.create_experiment("never-started")
+    parent = cl.create_run(exp, run_name="sweep").info.run_id
+    logger = RunLogger(mlflow_uri)
+    tracker = SweepTracker(logger, exp, parent, "val_loss", max_epochs=3)
+    ran = SimpleNamespace(trial_id="ran", config={"train.lr": 0.01}, last_result={"epoch": 3},
+                          error_file=None)
+    tracker.on_trial_start(ran)
+    tracker.on_trial_complete(ran)
+    lost = SimpleNamespace(trial_id="lost", config={"train.lr": 0.02}, last_result=None,
+                           error_file=None, error_msg="The actor died because its node died.")
+    tracker.on_trial_error(lost)
+    logger.flush()
+    logger.close()
+    kids = {r.data.tags["rungwise.trial_id"]: r
+            for r in cl.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert sorted(kids) == ["lost", "ran"]
+    assert kids["lost"].info.status == "FAILED"
+    assert kids["lost"].data.tags["rungwise.status"] == "failed"
+    assert "node died" in kids["lost"].data.tags["rungwise.error"]
+    assert kids["lost"].data.params["train.lr"] == "0.02"
+    assert kids["ran"].info.status == "FINISHED"
