@@ -83,6 +83,12 @@ class PackServer:
         with self.cond:
             self._leave(tid)  # a retried trial comes back under the same id
             slot = self.pack.add(Member.from_spec(spec.model, spec.train, key=tid), resume)
+            for other in [t for t, s in self.slots.items() if s == slot]:
+                # the slot's last member had ended (its last result, if not yet taken, stays
+                # in ``results``): its late ``leave`` must not stop the member that took it
+                self.slots.pop(other)
+                self.specs.pop(other, None)
+                self.best.pop(other, None)
             self.slots[tid], self.specs[tid], self.best[tid] = slot, spec, [float("inf")]
             if resume is not None and resume["history"]:
                 self.best[tid][0] = min(h["val_loss"] for h in resume["history"])
@@ -102,6 +108,8 @@ class PackServer:
                 while tid not in self.results:
                     if tid not in self.slots:
                         raise RuntimeError(f"pack: trial {tid} is not in this pack")
+                    if self.slots[tid] not in self.pack.running():  # would wait forever
+                        raise RuntimeError(f"pack: trial {tid} was stopped in its pack")
                     wait = self._wait_s()
                     if wait == 0.0:
                         self._epoch()
@@ -255,3 +263,13 @@ class PackRegistry:
     def count(self) -> int:
         """Packs alive now."""
         return sum(len(p) for p in self.packs.values())
+
+    def close(self) -> int:
+        """The sweep ended: kill every pack still alive (none, when each member released);
+        returns how many there were."""
+        actors = [actor for packs in self.packs.values() for actor, _ in packs]
+        for actor in actors:
+            ray.kill(actor)
+        self.packs.clear()
+        self.of.clear()
+        return len(actors)

@@ -80,6 +80,16 @@ def packed_trainable(spec: SweepSpec, shared: Shared, size: int) -> tuple[Any, A
     return trainable, registry
 
 
+def close_packs(registry: Any) -> None:
+    """The sweep ended (or failed): kill the packs still alive and the registry, so that a
+    second sweep in the same driver finds its Ray as the first one did."""
+    try:
+        ray.get(registry.close.remote(), timeout=60)
+    except (ray.exceptions.RayError, TimeoutError):  # gone already: nothing left to kill
+        pass
+    ray.kill(registry)
+
+
 class PackLeaver(tune.Callback):
     """Driver side: a trial that Tune stopped, or that failed, leaves its pack (its row is
     masked out; the pack goes when empty). Wrap it in ``Live`` for resumes."""

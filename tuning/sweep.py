@@ -30,7 +30,7 @@ from tuning.config import SweepSpec
 from tuning.errors import RungwiseError
 from tuning.fits import check_sweep_fits
 from tuning.localray import loopback_node
-from tuning.packed_trial import PackLeaver, pack_size, packed_trainable
+from tuning.packed_trial import PackLeaver, close_packs, pack_size, packed_trainable
 from tuning.parent import ParentRun
 from tuning.progress import ProgressCallback
 from tuning.resources import Cluster, Settled, check_fits, read_cluster, settle
@@ -244,10 +244,10 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
         [Live(f"{path}#mlflow", MlflowSweepCallback(tracker))] if tracker else [])
     # from the spec as written, as the strategy's searcher limit was (settling resolves
     # train.device: auto, and auto packing reads only an explicit cuda)
-    trainable, size = _trainable(spec, shared), pack_size(written)
+    trainable, size, packs = _trainable(spec, shared), pack_size(written), None
     if size > 1:  # tune.pack: trials relay a pack's members (tuning/packed_trial.py)
-        trainable, registry = packed_trainable(spec, shared, size)
-        live.append(Live(f"{path}#packs", PackLeaver(registry)))
+        trainable, packs = packed_trainable(spec, shared, size)
+        live.append(Live(f"{path}#packs", PackLeaver(packs)))
     callbacks: list[Any] = [*live[:2], JsonLoggerCallback(), *live[2:]]
     try:
         tuner = _tuner(spec, strategy, trainable, path, callbacks, resume, size)
@@ -266,6 +266,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     finally:
         for cb in live:
             cb.release()
+        if packs is not None:  # the registry and any pack left: not kept by the driver's Ray
+            close_packs(packs)
         if logger is not None:
             logger.close()
 

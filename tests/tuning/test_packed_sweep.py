@@ -89,6 +89,13 @@ def test_packed_sweep_gives_the_unpacked_sweeps_trials(ray_session: None, tmp_pa
         spec = spec_of(tmp_path, monkeypatch, mlflow_uri, **{"tune.pack": pack})
         result = run_sweep(spec, quiet=True, register=False)
         got[pack] = (result, trials(mlflow_uri, result.parent_run_id))
+    # the sweep's registry and packs are gone with it (a second sweep in this driver once
+    # found them still alive)
+    deadline = time.time() + 60
+    while time.time() < deadline and _descendants_titled(("ray::PackRegistry",
+                                                            "ray::PackServer")):
+        time.sleep(0.5)
+    assert _descendants_titled(("ray::PackRegistry", "ray::PackServer")) == []
     (plain, plain_runs), (packed, packed_runs) = got["off"], got[4]
     assert len(packed_runs) == 4 and set(packed_runs) == set(plain_runs)
     for params, mine in packed_runs.items():
@@ -197,7 +204,35 @@ def test_a_member_resumes_from_its_trial_checkpoint_and_the_best_model_rebuilds(
     assert finished.next("t") == {"metrics": None, "files": None, "done": True}
 
 
-def _descendants_titled(title: str) -> list[int]:
+def test_a_late_leave_of_a_slots_last_member_does_not_stop_the_member_that_took_it(
+        ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member that ended frees its slot at once; a trial Tune starts next may take it before
+    the ended trial's ``leave`` arrives (they come from different processes). That late leave
+    stopped the new member, whose relay then waited forever: a sweep that never ended."""
+    from trainer.pipeline import split_data
+    from tuning.pack_actor import PackServer
+    from tuning.sweep import prepare_variants, share_data
+    from tuning.trainable import Shared
+
+    spec = spec_of(tmp_path, monkeypatch, None, **{
+        "tune.pack": 2, "train.epochs": 2, "train.device": "cpu",
+        "resources.gpus_per_worker": 0})
+    prepared = prepare_variants(spec, split_data(spec.data))
+    shared = Shared(spec=spec, prepared=share_data(prepared), raw=None, checkpoint_every=1)
+    config = {"train.lr": 1e-2, "train.seed": 3}
+    pack = PackServer(shared, config, 1)
+    pack.join("first", config, None)
+    assert [pack.next("first")["done"] for _ in range(2)] == [False, True]
+    assert pack.join("second", config, None) == 0  # the ended member's slot
+    assert pack.leave("first") == 1  # late: "second" is still in, and still trains
+    out = [pack.next("second") for _ in range(2)]
+    assert [o["metrics"]["epoch"] for o in out] == [1, 2] and out[-1]["done"]
+    pack.leave("second")
+    with pytest.raises(RuntimeError, match="not in this pack"):
+        pack.next("second")
+
+
+def _descendants_titled(title: str | tuple[str, ...]) -> list[int]:
     """Processes under this one (the session's Ray) whose command line starts with ``title``."""
     parent: dict[int, int] = {}
     titles: dict[int, str] = {}
