@@ -12,11 +12,12 @@ and a retried or resumed trial joins a pack from its own checkpoint.
 
 ``tune.pack: N`` packs up to N trials; ``max_concurrent`` then counts packs (N x that many
 trials in flight). ``auto`` packs ``AUTO_SIZE`` on a GPU (``train.device: cuda``) where
-``pack_pays`` holds for every architecture and batch size the space can produce, else runs the
-normal trainable. On a CPU ``auto`` never packs: the trial compute gains are real (3-5x for
-[32]/64, see ``pack_pays``) but the whole sweep measured on the 2-core build machine was
-slower packed (0.75x wall, benchmarks/bench_pack_sweep.py: a relay process per trial in flight
-costs more than the compute saved), and ``auto`` must not pack where it does not pay.
+``pack_pays`` holds for every architecture and batch size the space can produce. On a CPU it
+packs ``CPU_AUTO_SIZE`` only where the whole sweep measured faster packed: models whose trial
+compute packs 3x or better, sweeps with at least ``CPU_MIN_ROW_EPOCHS`` of work, every trial
+running its whole budget (see the constants); elsewhere it runs the normal trainable. A packed
+sweep starts a relay process per trial in flight, once per sweep (~10 s of CPU on 2 cores), so
+a small sweep is slower packed even where each epoch is 3-5x faster.
 """
 
 from __future__ import annotations
@@ -33,23 +34,64 @@ from tuning.relay import run_packed_trial
 from tuning.trainable import DRIVER_CPU, Shared
 
 AUTO_SIZE = 8
+"""``auto`` on a GPU: members per pack."""
+CPU_AUTO_SIZE = 4
+"""``auto`` on a CPU: members per pack (the size the whole-sweep figures were measured at)."""
+CPU_MAX_WIDTH_X_BATCH = 8_192
+"""``auto`` on a CPU packs only models whose widest layer x batch size is at most this: the
+cells of ``pack_pays``'s table at 3x or more of trial compute ([32] at 64 and 256, [64] at 64
+and 128). Whole sweeps of 32 trials x 20 epochs on adult (bench_pack_sweep.py, 2 cores,
+unpacked / packed): [32]/64 71.2 / 46.1 s (1.54x), [64]/128 49.4 / 44.3 s (1.12x),
+[128, 64]/512 46.5 / 58.9 s (0.79x, not packed)."""
+CPU_MIN_ROW_EPOCHS = 14_500_000
+"""``auto`` on a CPU packs only sweeps with at least this many trials x epochs x training
+rows (32 x 20 x adult's 22,792 = 14.59M, where both models above paid). Measured for [32]/64:
+16 trials x 6 epochs (2.2M) was 0.66x (16.4 / 25.1 s): a packed sweep starts a relay
+process per trial in flight (~10 s of CPU on 2 cores, once per sweep), and only the trial
+compute it saves (2.5x here) pays that back; the two sizes put the break-even near 5.3M."""
 
 
-def pack_size(spec: SweepSpec) -> int:
-    """Trials per pack for this sweep: 1 means unpacked."""
+def pack_size(spec: SweepSpec, train_rows: int | None = None) -> int:
+    """Trials per pack for this sweep: 1 means unpacked. ``train_rows`` (the training split's
+    rows) lets ``auto`` pack on a CPU; without it ``auto`` never packs there."""
     pack = spec.tune.pack
     if isinstance(pack, int):
         return pack
     if pack == "off" or spec.resources.workers_per_trial > 1 or spec.tune.search in PAUSING:
         return 1
-    if spec.train.device != "cuda":  # measured: no whole-sweep gain on CPU (module docstring)
-        return 1
-    return AUTO_SIZE if _pays_everywhere(spec) else 1
+    if spec.train.device == "cuda":
+        return AUTO_SIZE if _pays_everywhere(spec, "cuda") else 1
+    return CPU_AUTO_SIZE if _cpu_pays(spec, train_rows) else 1
 
 
-def _pays_everywhere(spec: SweepSpec) -> bool:
-    """``pack_pays`` (its GPU rule) for every model and batch size the space can produce: a
-    dimension that is not a list of choices never packs."""
+def _cpu_pays(spec: SweepSpec, train_rows: int | None) -> bool:
+    """The whole sweep measured faster packed on a CPU (the constants above): small models,
+    enough work, and every trial running its whole budget (no scheduler that stops trials,
+    no early stopping: the work would be less than the budget says)."""
+    if train_rows is None or spec.train.early_stopping is not None:
+        return False
+    if spec.tune.search not in ("random", "grid", "bayes"):  # auto, asha, median stop trials
+        return False
+    epochs = _smallest(spec, "train.epochs", spec.train.epochs)
+    if spec.tune.num_samples * epochs * train_rows < CPU_MIN_ROW_EPOCHS:
+        return False
+    return _pays_everywhere(spec, "cpu", CPU_MAX_WIDTH_X_BATCH)
+
+
+def _smallest(spec: SweepSpec, path: str, default: int) -> int:
+    """The smallest value ``path`` takes in the space (the work a trial may do at least)."""
+    dim = spec.tune.space.get(path)
+    if dim is None:
+        return default
+    kind, args = next(iter(dim.items()))
+    values = list(args) if kind in ("choice", "grid") else [args[0]]
+    return int(min(values))
+
+
+def _pays_everywhere(spec: SweepSpec, device: str, max_width_x_batch: int | None = None) -> bool:
+    """``pack_pays`` on ``device`` (and widest x batch <= ``max_width_x_batch``) for every
+    model and batch size the space can produce: a dimension that is not a list of choices
+    never packs."""
     space = spec.tune.space
     values: dict[str, list[Any]] = {}
     for path in ("model.kind", "model.hidden", "train.batch_size"):
@@ -60,12 +102,14 @@ def _pays_everywhere(spec: SweepSpec) -> bool:
         if kind not in ("choice", "grid"):
             return False
         values[path] = list(args)
-    device = "cuda"
     for kind in values.get("model.kind", [spec.model.kind]):
         for hidden in values.get("model.hidden", [spec.model.hidden]):
             model = spec.model.model_copy(update={"kind": kind, "hidden": hidden})
             for batch in values.get("train.batch_size", [spec.train.batch_size]):
                 if not pack_pays(model, int(batch), device):
+                    return False
+                widest = max((int(h) for h in hidden), default=0)
+                if max_width_x_batch is not None and widest * int(batch) > max_width_x_batch:
                     return False
     return True
 

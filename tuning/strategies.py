@@ -73,9 +73,13 @@ def _warm_points(space: dict[str, Any], warm_start: list[dict[str, Any]] | None
     return points
 
 
-def build_strategy(spec: SweepSpec, warm_start: list[dict[str, Any]] | None = None) -> Strategy:
-    """Searcher + scheduler for ``spec.tune``; ``warm_start`` configs are tried first."""
+def build_strategy(spec: SweepSpec, warm_start: list[dict[str, Any]] | None = None,
+                   pack: int | None = None) -> Strategy:
+    """Searcher + scheduler for ``spec.tune``; ``warm_start`` configs are tried first.
+    ``pack``: trials per pack as the sweep decided it (``pack_size``), to limit trials in
+    flight to ``max_concurrent`` packs; ``pack_size(spec)`` without it."""
     tune_spec, epochs = spec.tune, spec.train.epochs
+    pack = pack_size(spec) if pack is None else pack
     name: str = tune_spec.search
     reason = f"tune.search: {tune_spec.search}"
     if name == "auto":
@@ -94,11 +98,10 @@ def build_strategy(spec: SweepSpec, warm_start: list[dict[str, Any]] | None = No
                                 "use choice")
         searcher = ConcurrencyLimiter(
             OptunaSearch(seed=spec.train.seed, points_to_evaluate=points or None),
-            max_concurrent=tune_spec.max_concurrent * pack_size(spec))
+            max_concurrent=tune_spec.max_concurrent * pack)
     else:
         searcher = BasicVariantGenerator(points_to_evaluate=points or None,
-                                         max_concurrent=tune_spec.max_concurrent
-                                         * pack_size(spec),
+                                         max_concurrent=tune_spec.max_concurrent * pack,
                                          random_state=spec.train.seed)
     scheduler, every = _scheduler(name, spec, params)
     return Strategy(name, reason, params, tune_spec.num_samples, searcher, scheduler, every)

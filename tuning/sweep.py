@@ -200,12 +200,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
               warm_start: list[dict[str, Any]] | None = None) -> SweepResult:
     """Run (or resume) the sweep of ``spec``; ``warm_start`` configs are tried first."""
     validate_space(spec)
-    strategy = build_strategy(spec, warm_start)
+    build_strategy(spec, warm_start)  # the space's errors before anything is read
     uri = resolve_tracking_uri(spec.tracking.uri) if tracking else None
     if uri:
         check_reachable(uri)
     path, state = _paths(spec, resume)
     raw = split_data(spec.data)  # data errors before Ray starts
+    # tune.pack: auto on a CPU weighs the sweep's work, which needs the training rows
+    size = pack_size(spec, len(raw.train))
+    strategy = build_strategy(spec, warm_start, pack=size)
     # imputation + encoding and the tracking store's first open (SQLite migrations) overlap
     # with ray.init; leaving the block waits for the thread even when ray.init fails, so a
     # migration is never cut off half-way
@@ -242,9 +245,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = No
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     live = [Live(f"{path}#progress", progress), Live(f"{path}#janitor", PgJanitor())] + (
         [Live(f"{path}#mlflow", MlflowSweepCallback(tracker))] if tracker else [])
-    # from the spec as written, as the strategy's searcher limit was (settling resolves
-    # train.device: auto, and auto packing reads only an explicit cuda)
-    trainable, size, packs = _trainable(spec, shared), pack_size(written), None
+    # ``size`` came from the spec as written, as the searcher's limit did (settling resolves
+    # train.device: auto; auto packing reads cuda only where the spec says it)
+    trainable, packs = _trainable(spec, shared), None
     if size > 1:  # tune.pack: trials relay a pack's members (tuning/packed_trial.py)
         trainable, packs = packed_trainable(spec, shared, size)
         live.append(Live(f"{path}#packs", PackLeaver(packs)))

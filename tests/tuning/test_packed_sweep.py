@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from jobs.spec import load_spec
 from tests.conftest import EXAMPLES
 from trainer.config import SpecError
-from tuning.packed_trial import AUTO_SIZE, pack_size
+from tuning.packed_trial import AUTO_SIZE, CPU_AUTO_SIZE, pack_size
 from tuning.sweep import run_sweep
 
 SPACE = {"train.lr": {"loguniform": [1e-3, 3e-2]}, "model.dropout": {"uniform": [0.0, 0.3]},
@@ -68,9 +68,24 @@ def test_auto_packs_only_where_pack_pays_for_every_model_of_the_space() -> None:
     small = {"model.hidden": {"choice": [[32], [64]]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
     gpu = {"train.device": "cuda"}
     assert size(**{"tune.space": small, "train.batch_size": 128, **gpu}) == AUTO_SIZE
-    # on a CPU a whole packed sweep measured slower (bench_pack_sweep.py): auto never packs
-    assert size(**{"tune.space": small, "train.batch_size": 128}) == 1
-    assert size(**{"tune.space": small, "train.batch_size": 128, "train.device": "cpu"}) == 1
+    # on a CPU, only where whole sweeps measured faster packed (bench_pack_sweep.py): small
+    # models, enough trials x epochs x rows, every trial running its whole budget
+    def cpu(rows: int | None = 22_792, **kw: Any) -> int:
+        over = {"tune.space": small, "train.batch_size": 128, "train.device": "cpu",
+                "train.early_stopping": None, "tune.search": "random", "tune.num_samples": 32,
+                "train.epochs": 20, **kw}
+        return pack_size(load_spec(EXAMPLES / "adult.yaml", {"tune.pack": "auto", **over}),
+                         rows)
+
+    assert cpu() == CPU_AUTO_SIZE  # 32 x 20 x adult: measured 1.54x / 1.12x
+    assert cpu(rows=None) == 1  # the work is not known
+    assert cpu(**{"tune.num_samples": 16, "train.epochs": 6}) == 1  # measured 0.66x
+    assert cpu(**{"tune.space": {"train.epochs": {"choice": [2, 20]}, **small}}) == 1
+    assert cpu(**{"model.hidden": [128, 64], "train.batch_size": 512,
+                  "tune.space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}) == 1  # 0.79x
+    assert cpu(**{"train.early_stopping": {"patience": 2}}) == 1  # less work than the budget
+    assert cpu(**{"tune.search": "asha"}) == 1  # stops trials: less work than the budget
+    assert cpu(**{"train.batch_size": 512}) == 1  # [64] x 512 is past 8,192
     # a model outside the GPU rule anywhere in the space: no packing at all
     wide = {"model.hidden": {"choice": [[32], [4096, 4096]]}}
     assert size(**{"tune.space": wide, "train.batch_size": 2048, **gpu}) == 1
