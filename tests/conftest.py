@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,21 +147,42 @@ HEAVY_FIRST = (
     "tests/reliability/test_faults.py", "tests/test_security.py", "tests/jobs/test_cli_train.py",
 )
 """Modules that take 30 s or more here (measured with --durations, 2026-12-01), longest first:
-under ``make test`` (pytest-xdist, ``--dist loadgroup``) they are handed out first so that the
-last module to start is a short one."""
+under ``make test`` (pytest-xdist) they are handed out first so that the last module to start
+is a short one."""
 
 
-def _group(item: pytest.Item) -> str:
-    path = Path(str(item.fspath)).relative_to(ROOT).as_posix()
+def _group_of(nodeid: str) -> str:
+    """The unit a worker runs whole: a module (its module-scoped fixtures, e.g. a sweep shared
+    by several checks, are built once, in one process), or all of ``tests/cluster/`` (one
+    two-node cluster, its tests in file order)."""
+    path = nodeid.split("::", 1)[0]
     return "tests/cluster/" if path.startswith("tests/cluster/") else path
 
 
+def _group(item: pytest.Item) -> str:
+    return _group_of(Path(str(item.fspath)).relative_to(ROOT).as_posix())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` (``make test``) hands out ``_group_of`` units. pytest-xdist 3.8's own
+    loadgroup does not group under pytest 9.2: it renames ``item._nodeid``, which pytest 9.2
+    no longer reads (seen: a module's tests on both workers, and two two-node clusters at once),
+    so rungwise brings its own, through xdist's documented scheduler hook."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One xdist group per module (its module-scoped fixtures, e.g. a sweep shared by several
-    checks, are then built once, in one process) and one for the two-node cluster (one
-    cluster, its tests in file order); heavy modules first. Without -n this only reorders."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    """Heavy groups first (``HEAVY_FIRST``); xdist's scheduler hands out groups in this
+    order. Without -n this only reorders."""
 
     def rank(item: pytest.Item) -> int:
         group = _group(item)
