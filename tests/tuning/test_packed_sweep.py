@@ -168,23 +168,33 @@ def test_a_diverging_member_fails_alone(ray_session: None, tmp_path: Path,
     assert result.best_overrides["train.lr"] in (3e-3, 1e-2)
 
 
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epochs: int,
+           **overrides: Any) -> tuple[Any, Any, Any]:
+    """A spec settled as the driver hands it over, its prepared data and the ``Shared`` a
+    ``PackServer`` gets (the session Ray's object store holds the arrays)."""
+    from trainer.pipeline import split_data
+    from tuning.sweep import prepare_variants, share_data
+    from tuning.trainable import Shared
+
+    spec = spec_of(tmp_path, monkeypatch, None, **{
+        "tune.pack": 2, "train.epochs": epochs, "train.device": "cpu",
+        "resources.gpus_per_worker": 0, **overrides})
+    prepared = prepare_variants(spec, split_data(spec.data))
+    return spec, prepared, Shared(spec=spec, prepared=share_data(prepared), raw=None,
+                                  checkpoint_every=1)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_member_resumes_from_its_trial_checkpoint_and_the_best_model_rebuilds(
         ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trainer.checkpoint import load_checkpoint
     from trainer.loop import TensorData, evaluate
-    from trainer.pipeline import split_data
     from trainer.run import Hooks, train_run
     from tuning.pack_actor import PACK_FILE, PackServer
-    from tuning.sweep import prepare_variants, share_data
-    from tuning.trainable import CKPT_FILE, Shared
+    from tuning.trainable import CKPT_FILE
 
-    spec = spec_of(tmp_path, monkeypatch, None, **{  # settled, as the driver hands it over
-        "tune.pack": 2, "train.epochs": 3, "model.dropout": 0.1, "train.device": "cpu",
-        "resources.gpus_per_worker": 0})
-    prepared = prepare_variants(spec, split_data(spec.data))
-    shared = Shared(spec=spec, prepared=share_data(prepared), raw=None, checkpoint_every=1)
+    spec, prepared, shared = served(tmp_path, monkeypatch, epochs=3, **{"model.dropout": 0.1})
     config = {"train.lr": 1e-2, "train.seed": 3}
     whole = PackServer(shared, config, 1)
     whole.join("t", config, None)
@@ -219,21 +229,15 @@ def test_a_member_resumes_from_its_trial_checkpoint_and_the_best_model_rebuilds(
     assert finished.next("t") == {"metrics": None, "files": None, "done": True}
 
 
+@pytest.mark.ray
 def test_a_late_leave_of_a_slots_last_member_does_not_stop_the_member_that_took_it(
         ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A member that ended frees its slot at once; a trial Tune starts next may take it before
     the ended trial's ``leave`` arrives (they come from different processes). That late leave
     stopped the new member, whose relay then waited forever: a sweep that never ended."""
-    from trainer.pipeline import split_data
     from tuning.pack_actor import PackServer
-    from tuning.sweep import prepare_variants, share_data
-    from tuning.trainable import Shared
 
-    spec = spec_of(tmp_path, monkeypatch, None, **{
-        "tune.pack": 2, "train.epochs": 2, "train.device": "cpu",
-        "resources.gpus_per_worker": 0})
-    prepared = prepare_variants(spec, split_data(spec.data))
-    shared = Shared(spec=spec, prepared=share_data(prepared), raw=None, checkpoint_every=1)
+    _, _, shared = served(tmp_path, monkeypatch, epochs=2)
     config = {"train.lr": 1e-2, "train.seed": 3}
     pack = PackServer(shared, config, 1)
     pack.join("first", config, None)
