@@ -2,8 +2,9 @@
 
 The sweep: the adult MLP (``--models``: [32]/64 by default, [64]/128, the demo's [128, 64]/512,
 or all), one torch thread, no early stopping, ``tune.search: random`` over ``train.lr`` and
-``model.dropout`` (every trial does the same work), ``--trials`` x ``--epochs`` (default 16 x 6;
-``--quick`` 8 x 3). MLflow on: a fresh SQLite store per sweep.
+``model.dropout`` (every trial does the same work), ``--trials`` x ``--epochs`` (default
+32 x 20, the size ``tune.pack: auto``'s CPU rule was set from; ``--quick`` 8 x 3). MLflow on:
+a fresh SQLite store per sweep.
 
 - ``--device cpu`` (default): ``tune.max_concurrent`` 2 both ways: two trials at a time
   unpacked, two packs of ``--pack`` members packed (each pack holds one CPU, as a trial does).
@@ -24,7 +25,7 @@ Measured on the 2-core build machine, quiet, one round each (unpacked / packed):
 (~10 s here: 8 relay processes of ~2 s of CPU each on 2 cores) is repaid only by enough trial
 compute saved; ``tuning/packed_trial.py``'s ``auto`` rule for CPUs is set from these figures.
 
-Usage: python benchmarks/bench_pack_sweep.py [--quick] [--trials 16] [--epochs 6] [--pack 4]
+Usage: python benchmarks/bench_pack_sweep.py [--quick] [--trials 32] [--epochs 20] [--pack 4]
        [--rounds 1] [--models 32_64|64_128|128x64_512|all] [--device cpu|cuda]
 """
 
@@ -102,8 +103,8 @@ def gpu_count() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 trials x 3 epochs, 1 round")
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--pack", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--models", default="32_64",

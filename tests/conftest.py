@@ -168,11 +168,11 @@ def _group(item: pytest.Item) -> str:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadgroup`` (``make test``) hands out ``_group_of`` units. pytest-xdist 3.8's own
-    loadgroup does not group under pytest 9.2: it renames ``item._nodeid``, which pytest 9.2
-    no longer reads (seen: a module's tests on both workers, and two two-node clusters at once),
-    so rungwise brings its own, through xdist's documented scheduler hook."""
-    if config.getvalue("dist") != "loadgroup":
+    """``--dist loadgroup`` (``make test``; also plain ``-n N``) hands out ``_group_of``
+    units. pytest-xdist 3.8's own loadgroup does not group under pytest 9.2: it renames
+    ``item._nodeid``, which pytest 9.2 no longer reads (seen: a module's tests on both
+    workers), so rungwise brings its own, through xdist's documented scheduler hook."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):  # load: plain ``pytest -n N``
         return None
     # hand the groups out in collection order (HEAVY_FIRST), not by number of tests (xdist's
     # default for scope scheduling, which put 3-test modules of minutes last)

@@ -15,8 +15,8 @@ The ``PackRegistry`` (one per sweep, created by the driver with no resources) ow
 actors, so they die with the driver; it assigns each trial a pack of its key (what members
 must share: ``pack_key`` and the data variant) with a free place, starts a new pack when none
 has one, and keeps a pack whose members all left, idle, for the next trials of its key; an
-idle pack is killed when a pack of another key needs its resources, and every pack when the
-sweep ends (``close``).
+idle pack is killed when a pack waits for resources (a new one, or one not yet placed), and
+every pack when the sweep ends (``close``).
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ class PackServer:
             finally:
                 self.waiting.discard(tid)
 
+    def ping(self) -> bool:
+        """Answers once the pack is placed and built (the registry's readiness check)."""
+        return True
+
     def leave(self, tid: str) -> int:
         """The trial has ended (or Tune stopped it): mask it out; returns members left."""
         with self.cond:
@@ -221,6 +225,7 @@ class PackRegistry:
         self.shared, self.size, self.cpus, self.gpus = shared, size, cpus, gpus
         self.packs: dict[str, list[tuple[Any, set[str]]]] = {}  # key -> [(actor, trial ids)]
         self.of: dict[str, tuple[str, Any]] = {}  # trial id -> (key, actor)
+        self.ready: dict[Any, Any] = {}  # actor -> its ping: done once it is placed and built
 
     def assign(self, tid: str, config: dict[str, Any]) -> Any:
         """A pack of the trial's key with a place for it (a new one if every pack is full)."""
@@ -228,18 +233,21 @@ class PackRegistry:
         key = member_key(*trial_spec(self.shared, config))
         packs = self.packs.setdefault(key, [])
         free = [p for p in packs if len(p[1]) < self.size]
-        if free:  # the fullest with a place (an idle one is warm: no new process, no warm-up)
-            actor, members = max(free, key=lambda p: len(p[1]))
+        if free:  # a placed one first, then the fullest (an idle one is warm: no new process)
+            actor, members = max(free, key=lambda p: (self._placed(p[0]), len(p[1])))
+            if not self._placed(actor):  # waits for resources an idle pack may hold
+                self._drop_idle()
         else:
             self._drop_idle()  # an idle pack of another key holds the resources it needs
             # each relay of a pack holds DRIVER_CPU: a pack and its relays hold exactly
             # cpus_per_worker, as one unpacked trial does
             cpus = max(self.cpus - self.size * DRIVER_CPU, DRIVER_CPU)
-            actor = ray.remote(PackServer).options(
+            server: Any = ray.remote(PackServer).options(
                 num_cpus=cpus, num_gpus=self.gpus, max_concurrency=self.size + 4,
                 max_restarts=0).remote(self.shared, config, self.size)
-            members = set()
+            actor, members = server, set()
             packs.append((actor, members))
+            self.ready[actor] = server.ping.remote()
         members.add(tid)
         self.of[tid] = (key, actor)
         return actor
@@ -251,25 +259,38 @@ class PackRegistry:
         key, actor = self.of.pop(tid)
         entry = next(p for p in self.packs[key] if p[0] is actor)
         entry[1].discard(tid)
+        left = actor.leave.remote(tid)
         crashed = False
-        try:
-            ray.get(actor.leave.remote(tid))
-        except ray.exceptions.RayActorError:  # the pack crashed: none of its members is in
-            for other in entry[1]:  # it any more; Tune retries them into a new pack
-                self.of.pop(other, None)
-            entry[1].clear()
-            crashed = True
+        if self._placed(actor):  # an unplaced pack takes the leave when it starts: no wait
+            try:
+                ray.get(left, timeout=60)
+            except ray.exceptions.RayActorError:  # the pack crashed: none of its members is
+                for other in entry[1]:  # in it any more; Tune retries them into a new pack
+                    self.of.pop(other, None)
+                entry[1].clear()
+                crashed = True
+            except ray.exceptions.GetTimeoutError:  # busy: it takes the leave in turn
+                pass
         if crashed:
-            self.packs[key].remove(entry)
-            ray.kill(actor)
-        # a pack left empty stays, idle, for the next trials of its key: a new pack costs a
-        # process that imports torch, and a slow first epoch (measured: ~2.5 s and ~1 s here)
+            self._remove(key, entry)
+        elif not entry[1] and not all(self._placed(a) for a in self.ready if a is not actor):
+            self._remove(key, entry)  # idle while another pack waits for resources: give them
+        # otherwise a pack left empty stays, idle, for the next trials of its key: a new pack
+        # costs a process that imports torch, and a slow first epoch (~2.5 s and ~1 s here)
+
+    def _placed(self, actor: Any) -> bool:
+        ref = self.ready.get(actor)
+        return ref is not None and bool(ray.wait([ref], timeout=0)[0])
+
+    def _remove(self, key: str, entry: tuple[Any, set[str]]) -> None:
+        self.packs[key].remove(entry)
+        self.ready.pop(entry[0], None)
+        ray.kill(entry[0])
 
     def _drop_idle(self) -> None:
-        for packs in self.packs.values():
+        for key, packs in self.packs.items():
             for entry in [p for p in packs if not p[1]]:
-                packs.remove(entry)
-                ray.kill(entry[0])
+                self._remove(key, entry)
 
     def close(self) -> int:
         """The sweep ended: kill every pack still alive (idle ones, or any whose members did
@@ -279,4 +300,5 @@ class PackRegistry:
             ray.kill(actor)
         self.packs.clear()
         self.of.clear()
+        self.ready.clear()
         return len(actors)

@@ -15,7 +15,8 @@ trials in flight). ``auto`` packs ``AUTO_SIZE`` on a GPU (``train.device: cuda``
 ``pack_pays`` holds for every architecture and batch size the space can produce. On a CPU it
 packs ``CPU_AUTO_SIZE`` only where the whole sweep measured faster packed: models whose trial
 compute packs 3x or better, sweeps with at least ``CPU_MIN_ROW_EPOCHS`` of work, every trial
-running its whole budget (see the constants); elsewhere it runs the normal trainable. A packed
+running its whole budget (see the constants); ``train.device: auto`` counts as a CPU only where
+``resources.gpus_per_worker`` is 0; elsewhere it runs the normal trainable. A packed
 sweep starts a relay process per trial in flight, once per sweep (~10 s of CPU on 2 cores), so
 a small sweep is slower packed even where each epoch is 3-5x faster.
 """
@@ -31,18 +32,20 @@ from trainer.pack_member import pack_pays
 from tuning.config import PAUSING, SweepSpec
 from tuning.pack_actor import PackRegistry
 from tuning.relay import run_packed_trial
+from tuning.space import grid_size
 from tuning.trainable import DRIVER_CPU, Shared
 
 AUTO_SIZE = 8
 """``auto`` on a GPU: members per pack."""
 CPU_AUTO_SIZE = 4
 """``auto`` on a CPU: members per pack (the size the whole-sweep figures were measured at)."""
+CPU_MAX_WIDTH = 64
 CPU_MAX_WIDTH_X_BATCH = 8_192
-"""``auto`` on a CPU packs only models whose widest layer x batch size is at most this: the
-cells of ``pack_pays``'s table at 3x or more of trial compute ([32] at 64 and 256, [64] at 64
-and 128). Whole sweeps of 32 trials x 20 epochs on adult (bench_pack_sweep.py, 2 cores,
-unpacked / packed): [32]/64 71.2 / 46.1 s (1.54x), [64]/128 49.4 / 44.3 s (1.12x),
-[128, 64]/512 46.5 / 58.9 s (0.79x, not packed)."""
+"""``auto`` on a CPU packs only MLPs of one hidden layer of at most ``CPU_MAX_WIDTH`` units
+whose width x batch size is at most this: the cells of ``pack_pays``'s table at 3x or more
+of trial compute ([32] at 64 and 256, [64] at 64 and 128). Whole sweeps of 32 trials x 20
+epochs on adult (bench_pack_sweep.py, 2 cores, unpacked / packed): [32]/64 71.2 / 46.1 s
+(1.54x), [64]/128 49.4 / 44.3 s (1.12x), [128, 64]/512 46.5 / 58.9 s (0.79x, not packed)."""
 CPU_MIN_ROW_EPOCHS = 14_500_000
 """``auto`` on a CPU packs only sweeps with at least this many trials x epochs x training
 rows (32 x 20 x adult's 22,792 = 14.59M, where both models above paid). Measured for [32]/64:
@@ -61,7 +64,8 @@ def pack_size(spec: SweepSpec, train_rows: int | None = None) -> int:
         return 1
     if spec.train.device == "cuda":
         return AUTO_SIZE if _pays_everywhere(spec, "cuda") else 1
-    return CPU_AUTO_SIZE if _cpu_pays(spec, train_rows) else 1
+    on_cpu = spec.train.device == "cpu" or not spec.resources.gpus_per_worker
+    return CPU_AUTO_SIZE if on_cpu and _cpu_pays(spec, train_rows) else 1
 
 
 def _cpu_pays(spec: SweepSpec, train_rows: int | None) -> bool:
@@ -70,12 +74,17 @@ def _cpu_pays(spec: SweepSpec, train_rows: int | None) -> bool:
     no early stopping: the work would be less than the budget says)."""
     if train_rows is None or spec.train.early_stopping is not None:
         return False
-    if spec.tune.search not in ("random", "grid", "bayes"):  # auto, asha, median stop trials
+    # asha / median stop trials; auto may choose one of them (conservative: never packs)
+    if spec.tune.search not in ("random", "grid", "bayes"):
         return False
     epochs = _smallest(spec, "train.epochs", spec.train.epochs)
-    if spec.tune.num_samples * epochs * train_rows < CPU_MIN_ROW_EPOCHS:
+    # grid runs each combination once (num_samples is not used); random repeats grid dims
+    trials = grid_size(spec.tune.space) if spec.tune.search == "grid" \
+        else spec.tune.num_samples
+    if trials * epochs * train_rows < CPU_MIN_ROW_EPOCHS:
         return False
-    return _pays_everywhere(spec, "cpu", CPU_MAX_WIDTH_X_BATCH)
+    return _pays_everywhere(spec, "cpu", CPU_MAX_WIDTH_X_BATCH, max_layers=1,
+                            max_width=CPU_MAX_WIDTH)
 
 
 def _smallest(spec: SweepSpec, path: str, default: int) -> int:
@@ -88,10 +97,10 @@ def _smallest(spec: SweepSpec, path: str, default: int) -> int:
     return int(min(values))
 
 
-def _pays_everywhere(spec: SweepSpec, device: str, max_width_x_batch: int | None = None) -> bool:
-    """``pack_pays`` on ``device`` (and widest x batch <= ``max_width_x_batch``) for every
-    model and batch size the space can produce: a dimension that is not a list of choices
-    never packs."""
+def _pays_everywhere(spec: SweepSpec, device: str, max_width_x_batch: int | None = None,
+                     max_layers: int | None = None, max_width: int | None = None) -> bool:
+    """``pack_pays`` on ``device`` (and the optional bounds) for every model and batch size
+    the space can produce: a dimension that is not a list of choices never packs."""
     space = spec.tune.space
     values: dict[str, list[Any]] = {}
     for path in ("model.kind", "model.hidden", "train.batch_size"):
@@ -110,6 +119,10 @@ def _pays_everywhere(spec: SweepSpec, device: str, max_width_x_batch: int | None
                     return False
                 widest = max((int(h) for h in hidden), default=0)
                 if max_width_x_batch is not None and widest * int(batch) > max_width_x_batch:
+                    return False
+                if max_layers is not None and len(hidden) > max_layers:
+                    return False
+                if max_width is not None and widest > max_width:
                     return False
     return True
 
@@ -136,7 +149,7 @@ def close_packs(registry: Any) -> None:
 
 class PackLeaver(tune.Callback):
     """Driver side: a trial that Tune stopped, or that failed, leaves its pack (its row is
-    masked out; the pack goes when empty). Wrap it in ``Live`` for resumes."""
+    masked out; the registry keeps or ends the pack). Wrap it in ``Live`` for resumes."""
 
     def __init__(self, registry: Any) -> None:
         self.registry = registry

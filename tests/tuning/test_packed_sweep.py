@@ -86,6 +86,18 @@ def test_auto_packs_only_where_pack_pays_for_every_model_of_the_space() -> None:
     assert cpu(**{"train.early_stopping": {"patience": 2}}) == 1  # less work than the budget
     assert cpu(**{"tune.search": "asha"}) == 1  # stops trials: less work than the budget
     assert cpu(**{"train.batch_size": 512}) == 1  # [64] x 512 is past 8,192
+    assert cpu(**{"tune.space": {"model.hidden": {"choice": [[32], [128]]}},
+                  "train.batch_size": 64}) == 1  # [128] was never measured at 3x
+    assert cpu(**{"tune.space": {"model.hidden": {"choice": [[32], [32, 32]]}}}) == 1
+    # grid runs each combination once: 2 combinations are not 32 trials of work
+    grid = {"model.hidden": {"grid": [[32], [64]]}}
+    assert cpu(**{"tune.search": "grid", "tune.space": grid}) == 1
+    many = {**grid, "train.lr": {"grid": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2]},
+            "train.seed": {"grid": [0, 1]}}  # 32 combinations
+    assert cpu(**{"tune.search": "grid", "tune.num_samples": 1, "tune.space": many}) == 4
+    # train.device: auto may settle on a GPU: the CPU rule only where no GPU is asked for
+    assert cpu(**{"train.device": "auto", "resources.gpus_per_worker": 0}) == CPU_AUTO_SIZE
+    assert cpu(**{"train.device": "auto", "resources.gpus_per_worker": 1}) == 1
     # a model outside the GPU rule anywhere in the space: no packing at all
     wide = {"model.hidden": {"choice": [[32], [4096, 4096]]}}
     assert size(**{"tune.space": wide, "train.batch_size": 2048, **gpu}) == 1
@@ -249,6 +261,32 @@ def test_a_late_leave_of_a_slots_last_member_does_not_stop_the_member_that_took_
     pack.leave("second")
     with pytest.raises(RuntimeError, match="not in this pack"):
         pack.next("second")
+
+
+@pytest.mark.ray
+def test_an_idle_pack_gives_its_resources_to_a_pack_that_waits_for_them(
+        ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Room for one pack: the first pack's members all leave while a pack of another key waits
+    for resources. The idle pack is ended so that the waiting one starts (kept idle, it held
+    them and the waiting pack's trials waited forever)."""
+    import ray
+
+    from tuning.pack_actor import PackRegistry
+
+    _, _, shared = served(tmp_path, monkeypatch, epochs=2)
+    room = float(ray.available_resources().get("CPU", 0))
+    registry = ray.remote(PackRegistry).options(num_cpus=0).remote(shared, 1, room, 0.0)
+    try:
+        first = ray.get(registry.assign.remote("a", {"train.batch_size": 128}))
+        assert ray.get(first.ping.remote(), timeout=120)
+        second = ray.get(registry.assign.remote("b", {"train.batch_size": 256}))  # other key
+        waiting = second.ping.remote()
+        assert ray.wait([waiting], timeout=3)[1]  # no room while the first pack is there
+        ray.get(registry.release.remote("a"))  # the first pack is idle now
+        assert ray.get(waiting, timeout=120)  # and gave its CPUs to the waiting pack
+    finally:
+        ray.get(registry.close.remote())
+        ray.kill(registry)
 
 
 def _descendants_titled(title: str | tuple[str, ...]) -> list[int]:
