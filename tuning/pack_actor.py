@@ -260,7 +260,6 @@ class PackRegistry:
         entry = next(p for p in self.packs[key] if p[0] is actor)
         entry[1].discard(tid)
         left = actor.leave.remote(tid)
-        crashed = False
         if self._placed(actor):  # an unplaced pack takes the leave when it starts: no wait
             try:
                 ray.get(left, timeout=60)
@@ -268,12 +267,11 @@ class PackRegistry:
                 for other in entry[1]:  # in it any more; Tune retries them into a new pack
                     self.of.pop(other, None)
                 entry[1].clear()
-                crashed = True
+                self._remove(key, entry)
+                return
             except ray.exceptions.GetTimeoutError:  # busy: it takes the leave in turn
                 pass
-        if crashed:
-            self._remove(key, entry)
-        elif not entry[1] and not all(self._placed(a) for a in self.ready if a is not actor):
+        if not entry[1] and not all(self._placed(a) for a in self.ready if a is not actor):
             self._remove(key, entry)  # idle while another pack waits for resources: give them
         # otherwise a pack left empty stays, idle, for the next trials of its key: a new pack
         # costs a process that imports torch, and a slow first epoch (~2.5 s and ~1 s here)
