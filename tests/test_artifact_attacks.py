@@ -161,48 +161,104 @@ def plant(bundle: Path, data: bytes, *, replace: bool) -> None:
             saved.rename(bundle / name)
 
 
-PREDICT = """
-    from jobs.cli import main
-    sys.exit(main(["predict", {spec!r}, "--input", {rows!r}]))
-"""
-PYFUNC = """
-    import mlflow, pandas as pd
-    mlflow.set_tracking_uri({uri!r})
-    model = mlflow.pyfunc.load_model("models:/attack-test@champion")
-    cols = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
-            "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
-            "hours_per_week", "native_country", "income"]
-    numbers = ["age", "fnlwgt", "education_num", "capital_gain", "capital_loss",
-               "hours_per_week"]  # optional numbers are doubles in the model's signature
-    rows = pd.read_csv({rows!r}, header=None, names=cols, na_values=["?"],
-                       dtype={{c: "float64" for c in numbers}}).drop(columns=["income"])
-    print("predicted", len(model.predict(rows)))
+VARIANTS = [(attack, replace) for replace in (False, True)
+            for attack in ("popen", "memmap", "ctypes")]
+"""Each payload planted beside the JSON format (the model works from its JSON + npz, the
+pickle lies there unread) and in its place (an old-format artifact: refused)."""
+
+LOADERS = {
+    "predict": """
+        from jobs.cli import main
+        return main(["predict", {spec!r}, "--input", {rows!r}])
+    """,
+    "pyfunc": """
+        import mlflow, pandas as pd
+        mlflow.set_tracking_uri({uri!r})
+        model = mlflow.pyfunc.load_model("models:/attack-test@champion")
+        cols = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
+                "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
+                "hours_per_week", "native_country", "income"]
+        numbers = ["age", "fnlwgt", "education_num", "capital_gain", "capital_loss",
+                   "hours_per_week"]  # optional numbers are doubles in the model's signature
+        rows = pd.read_csv({rows!r}, header=None, names=cols, na_values=["?"],
+                           dtype={{c: "float64" for c in numbers}}).drop(columns=["income"])
+        print("predicted", len(model.predict(rows)))
+        return 0
+    """,
+}
+
+RUNNER = """
+    import os, tempfile, traceback
+    from pathlib import Path
+    from tests.test_artifact_attacks import VARIANTS, crafted, plant
+
+    def load():
+    {load}
+
+    def captured(file):
+        file.seek(0)
+        return file.read().decode(errors="replace")
+
+    results = []
+    for attack, replace in VARIANTS:
+        data, marker = crafted(Path({folder!r}) / f"{{attack}}-{{replace}}")[attack]
+        marker.parent.mkdir(exist_ok=True)
+        plant(Path({bundle!r}), data, replace=replace)
+        events.clear()  # planting wrote a .pkl: only what the loading does counts
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        sys.stdout.flush(); sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)  # the fds: all the loading prints
+        try:
+            rc = load()
+        except SystemExit as exc:
+            rc = exc.code
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        results.append({{"attack": attack, "replace": replace, "rc": rc,
+                         "out": captured(out), "err": captured(err),
+                         "events": list(events), "ran": marker.exists()}})
+    print("RESULTS " + json.dumps(results))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", ["popen", "memmap", "ctypes"])
-@pytest.mark.parametrize("replace", [False, True], ids=["beside", "instead"])
+@pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_a_planted_pickle_runs_nothing_through_predict_or_pyfunc(
-        registered: dict[str, Any], attack: str, replace: bool) -> None:
+        registered: dict[str, Any], loader: str) -> None:
+    """Every payload of ``crafted``, beside the JSON format and instead of it, through one
+    loader: one audited interpreter loads the tampered model once per variant (the test
+    process plants nothing: the runner plants each variant, then clears the audit events)."""
     r = registered
-    data, marker = crafted(r["folder"] / f"{attack}-{replace}")[attack]
-    marker.parent.mkdir(exist_ok=True)
-    plant(r["bundle"], data, replace=replace)
-    for code in (PREDICT, PYFUNC):
-        rc, out, err, events = run_audited(
-            code.format(spec=str(r["spec"]), rows=str(r["rows"]), uri=r["uri"]),
-            r["folder"], r["env"])
-        time.sleep(0.2)
-        assert not marker.exists(), (attack, err)
-        assert events == [], events
-        if replace:  # an old-format artifact: refused, with what to do
-            assert rc != 0 and "re-register the model" in err, err
-            if code is PREDICT:
-                assert rc == 2 and err.count("\n") == 1 + 1, err  # one line + the audit line
+    load = textwrap.indent(textwrap.dedent(LOADERS[loader].format(
+        spec=str(r["spec"]), rows=str(r["rows"]), uri=r["uri"])), "    ")
+    code = textwrap.dedent(RUNNER).format(load=load, folder=str(r["folder"] / loader),
+                                          bundle=str(r["bundle"]))
+    (r["folder"] / loader).mkdir()
+    rc, out, err, _ = run_audited(code, r["folder"], r["env"])
+    time.sleep(0.2)
+    lines = [x for x in out.splitlines() if x.startswith("RESULTS ")]
+    assert rc == 0 and lines, err[-3000:]
+    results = json.loads(lines[-1][8:])
+    assert [[x["attack"], x["replace"]] for x in results] == [list(v) for v in VARIANTS]
+    for x in results:
+        what = (loader, x["attack"], "instead" if x["replace"] else "beside", x["err"][-2000:])
+        assert not x["ran"], what
+        assert x["events"] == [], (what, x["events"])
+        if x["replace"]:  # an old-format artifact: refused, with what to do
+            assert x["rc"] != 0 and "re-register the model" in x["err"], what
+            if loader == "predict":
+                assert x["rc"] == 2 and x["err"].count("\n") == 1, what  # one line
         else:  # the pickle lies there unread; the model works from its JSON + npz
-            assert rc == 0, err
-            assert (out.count("\n") == 21) if code is PREDICT else "predicted 20" in out
+            assert x["rc"] == 0, what
+            if loader == "predict":
+                assert x["out"].count("\n") == 21, what  # the header and 20 rows
+            else:
+                assert "predicted 20" in x["out"], what
 
 
 @pytest.mark.slow

@@ -89,18 +89,34 @@ class Cluster:
         return proc
 
 
-def alive_nodes(cluster: Cluster) -> list[dict[str, object]]:
-    """The cluster's alive nodes, asked from a subprocess (the test process has no Ray)."""
-    code = ("import json, ray; ray.init(address=" + repr(cluster.address) + ", "
-            "log_to_driver=False, logging_level='ERROR'); print(json.dumps([{'id': n['NodeID'], "
-            "'cpus': n['Resources'].get('CPU', 0)} for n in ray.nodes() if n['Alive']]))")
-    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True,
-                         text=True, timeout=120)
-    if out.returncode != 0:
-        return []
+ANSWER = "RUNGWISE-ANSWER "
+
+
+def ask_cluster(cluster: Cluster, expression: str, timeout: float = 120,
+                check: bool = False) -> object:
+    """The JSON value of ``expression``, evaluated in a subprocess connected to the cluster
+    (the test process has no Ray), or None if that process failed (and ``check`` is false).
+    Read from the one stdout line that starts with ``ANSWER``: Ray may print warnings there
+    too (seen under load: "raylet has lagging heartbeats")."""
     import json
 
-    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+    code = ("import json, ray; ray.init(address=" + repr(cluster.address) + ", "
+            "log_to_driver=False, logging_level='ERROR'); print(" + repr(ANSWER)
+            + " + json.dumps(" + expression + "), flush=True)")
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True,
+                         text=True, timeout=timeout)
+    lines = [x for x in out.stdout.splitlines() if x.startswith(ANSWER)]
+    if out.returncode != 0 or not lines:
+        assert not check, out.stdout[-2000:] + out.stderr[-3000:]
+        return None
+    return json.loads(lines[-1][len(ANSWER):])
+
+
+def alive_nodes(cluster: Cluster) -> list[dict[str, object]]:
+    """The cluster's alive nodes (an empty list if they could not be listed)."""
+    nodes = ask_cluster(cluster, "[{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} "
+                                 "for n in ray.nodes() if n['Alive']]")
+    return list(nodes) if isinstance(nodes, list) else []
 
 
 def _wait_nodes(cluster: Cluster, known: set[str], proc: subprocess.Popen[bytes], log: Path,

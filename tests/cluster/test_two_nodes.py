@@ -30,7 +30,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NAME = "rw-cluster"
 NUM_SAMPLES = 4
-TIMINGS: dict[str, float] = {}
 
 
 def write_spec(folder: Path, uri: str, *, epochs: int = 3, concurrent: int = 2,
@@ -209,11 +208,9 @@ def test_submit_to_the_split_cluster_then_predict_from_another_folder(
     folder = cluster.work / "g"
     spec = write_spec(folder, mlflow_s3)
     (folder / "pyproject.toml").write_text("")  # the folder shipped as the job's working_dir
-    started = time.perf_counter()
     out = rungwise(cluster, folder, "submit", str(spec), "--address", cluster.dashboard,
                    "--command", "tune", "--set", f"tune.storage={cluster.bucket_uri('g')}",
                    "--follow")
-    TIMINGS["two-node s3 (submitted job)"] = time.perf_counter() - started
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.rstrip().endswith("status: SUCCEEDED")
     kids = children(mlflow_s3)
@@ -233,21 +230,3 @@ def test_submit_to_the_split_cluster_then_predict_from_another_folder(
     assert pred.returncode == 0, pred.stderr[-3000:]
     got = pd.read_csv(other / "out.csv")
     assert len(got) == 20 and got["prediction"].notna().all()
-
-
-def test_the_same_sweep_on_one_node_for_comparison(cluster: Cluster, tmp_path: Path) -> None:
-    """Not a check of the cluster: the figure the two-node sweep (the submitted job above) is
-    compared with (a local Ray, local storage), printed at the end of the session. Runs after
-    the two-node tests (file order)."""
-    uri = sqlite_store(tmp_path)
-    spec = write_spec(tmp_path, uri)
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "jobs", "tune", str(spec), "--set",
-                          f"tune.storage={tmp_path / 'runs'}"], cwd=tmp_path, env=env,
-                         text=True, capture_output=True, timeout=900, start_new_session=True)
-    TIMINGS["one-node local"] = time.perf_counter() - started
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert len(children(uri)) == NUM_SAMPLES
-    print(f"\nsweep wall time ({NUM_SAMPLES} trials x 3 epochs): "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.cluster.conftest import Cluster, alive_nodes
+from tests.cluster.conftest import Cluster, alive_nodes, ask_cluster
 from tests.cluster.test_two_nodes import (
     NUM_SAMPLES,
     checkpointed_trials,
@@ -35,12 +35,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def reserved_groups(cluster: Cluster) -> int:
-    code = ("import ray; ray.init(address=" + repr(cluster.address) + ", log_to_driver=False, "
-            "logging_level='ERROR'); print(sum(1 for i in ray.util.placement_group_table()"
-            ".values() if i['state'] == 'CREATED'))")
-    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True,
-                         text=True, timeout=120, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    count = ask_cluster(cluster, "sum(1 for i in ray.util.placement_group_table().values() "
+                                 "if i['state'] == 'CREATED')", check=True)
+    assert isinstance(count, int)
+    return count
 
 
 def test_ddp_ranks_on_two_nodes_under_asha(cluster: Cluster) -> None:
