@@ -37,7 +37,8 @@ def children(uri, parent_id):
 @pytest.mark.parametrize("search", ["grid", "random", "bayes", "asha", "hyperband", "bohb",
                                     "median", "pbt", "auto"])
 def test_every_strategy_runs_a_small_sweep(ray_session, tmp_path, monkeypatch, search):
-    spec = small_spec(tmp_path, monkeypatch, **{"tune.search": search})
+    # two trials run at once (grid: its four combinations): one wave of trial start-ups
+    spec = small_spec(tmp_path, monkeypatch, **{"tune.search": search, "tune.num_samples": 2})
     result = run_sweep(spec, tracking=False, register=False, quiet=True)
     assert result.strategy == ("random" if search == "auto" else search)
     assert math.isfinite(result.best_value)
