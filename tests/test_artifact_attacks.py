@@ -240,7 +240,9 @@ def test_a_planted_pickle_runs_nothing_through_predict_or_pyfunc(
                                           bundle=str(r["bundle"]))
     (r["folder"] / loader).mkdir()
     rc, out, err, _ = run_audited(code, r["folder"], r["env"])
-    time.sleep(0.2)
+    time.sleep(0.2)  # a started process would have touched its marker by now
+    written = [p for p in (r["folder"] / loader).rglob("*") if p.is_file()]
+    assert written == [], written  # no attack's marker, checked again after the process
     lines = [x for x in out.splitlines() if x.startswith("RESULTS ")]
     assert rc == 0 and lines, err[-3000:]
     results = json.loads(lines[-1][8:])
